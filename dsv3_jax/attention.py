@@ -1,0 +1,149 @@
+"""Multi-head Latent Attention (REFERENCE §4).
+
+Two paths that give the same outputs:
+- naive (training, prefill): up-project the latent to per-head keys/values and attend;
+- absorbed (decode): fold ``kv_b_proj`` into the query and the output, attend directly over the latent
+  cache of ``kv_lora_rank + qk_rope_head_dim`` values per token per layer.
+
+Shapes: B batch, T query tokens, S cached tokens, H heads, n = qk_nope, r = qk_rope, v = v_head, c = kv_lora.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax import rope
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import Linear, RMSNorm, dtype_of, logical
+
+
+class LatentCache(NamedTuple):
+    """Per-layer decode cache: normalised latent c_kv [B, S, c] and roped shared key k_rope [B, S, r].
+
+    Slot s holds the token at position s. ``init`` makes an empty cache for a max length.
+    """
+
+    c_kv: jax.Array
+    k_rope: jax.Array
+
+    @staticmethod
+    def init(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> "LatentCache":
+        dt = dtype_of(dtype or cfg.dtype)
+        return LatentCache(jnp.zeros((batch, max_len, cfg.kv_lora_rank), dt),
+                           jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dt))
+
+
+NEG_INF = -1e30  # finite "minus infinity": keeps fully-masked rows NaN-free
+
+
+def causal_mask(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+    """[B, T, S] bool: key position ≤ query position."""
+    return k_pos[:, None, :] <= q_pos[:, :, None]
+
+
+def _softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked softmax over the last axis in float32. scores [B, H, T, S], mask [B, T, S]."""
+    scores = jnp.where(mask[:, None], scores, NEG_INF)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def naive_attention(q_nope, q_rope, k_nope, k_rope, v, mask, scale, dtype):
+    """Standard attention with the shared rope key.
+
+    q_nope [B,T,H,n], q_rope [B,T,H,r], k_nope [B,S,H,n], k_rope [B,S,r], v [B,S,H,v], mask [B,T,S]
+    → [B,T,H,v].
+    """
+    scores = (jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
+              + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32))
+    probs = _softmax(scores * scale, mask).astype(dtype)
+    return jnp.einsum("bhts,bshv->bthv", probs, v, preferred_element_type=jnp.float32).astype(dtype)
+
+
+def absorbed_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, mask, scale, dtype):
+    """Attention over the latent cache with kv_b_proj absorbed (REFERENCE §4).
+
+    q_nope [B,T,H,n], q_rope [B,T,H,r], c_kv [B,S,c], k_rope [B,S,r], w_uk [c,H,n], w_uv [c,H,v] → [B,T,H,v].
+    """
+    q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w_uk.astype(dtype), preferred_element_type=jnp.float32)
+    scores = (jnp.einsum("bthc,bsc->bhts", q_lat.astype(dtype), c_kv, preferred_element_type=jnp.float32)
+              + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32))
+    probs = _softmax(scores * scale, mask).astype(dtype)
+    o_lat = jnp.einsum("bhts,bsc->bthc", probs, c_kv, preferred_element_type=jnp.float32).astype(dtype)
+    return jnp.einsum("bthc,chv->bthv", o_lat, w_uv.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+
+
+def write_cache(cache: LatentCache, c_kv: jax.Array, k_rope: jax.Array, positions: jax.Array) -> LatentCache:
+    """Store new entries [B, T, ·] at slots positions[:, 0] .. +T-1 (contiguous per sequence)."""
+    start = positions[:, 0]
+
+    def put(buf, new):
+        return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), s, axis=0))(
+            buf, new, start)
+
+    return LatentCache(put(cache.c_kv, c_kv), put(cache.k_rope, k_rope))
+
+
+class MLA(nn.Module):
+    """x [B, T, d], positions [B, T] → out [B, T, d] (and the updated cache when one is given).
+
+    Without a cache: naive causal attention over the T tokens (training). With a cache: the new latents are
+    written at their positions and the queries attend over the whole cache (keys at position ≤ query's);
+    ``absorbed`` picks the latent-space math (decode) over the up-projected one.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: LatentCache | None = None,
+                 absorbed: bool = False) -> tuple[jax.Array, LatentCache | None]:
+        c = self.cfg
+        dt = dtype_of(c.dtype)
+        H, n, r, v, cl = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+        lin = dict(dtype=c.dtype, param_dtype=c.param_dtype, init_std=c.initializer_range)
+        norm = dict(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
+
+        # Query: low-rank + norm (or plain projection), split nope / rope.
+        if c.q_lora_rank:
+            cq = Linear((c.q_lora_rank,), ("embed", "q_lora"), name="q_a_proj", **lin)(x)
+            cq = RMSNorm(axis_name="q_lora", name="q_a_layernorm", **norm)(cq)
+            q = Linear((H, n + r), ("q_lora", "heads", "qk_head_dim"), name="q_b_proj", **lin)(cq)
+        else:
+            q = Linear((H, n + r), ("embed", "heads", "qk_head_dim"), name="q_proj", **lin)(x)
+        q = logical(q, ("activation_batch", "activation_length", "activation_heads", None))
+        q_nope, q_rope = q[..., :n], q[..., n:]
+
+        # Key/value latent + the single shared rope key. The norm is on c_kv only (REFERENCE §12).
+        kv_a = Linear((cl + r,), ("embed", "kv_lora"), name="kv_a_proj_with_mqa", **lin)(x)
+        c_kv = RMSNorm(axis_name="kv_lora", name="kv_a_layernorm", **norm)(kv_a[..., :cl])
+        k_rope = kv_a[..., cl:]
+
+        cos, sin = rope.rope_tables(c, positions)
+        q_rope = rope.apply_rope(q_rope, cos, sin, c.rope_interleave)
+        k_rope = rope.apply_rope(k_rope, cos, sin, c.rope_interleave)
+        scale, _ = rope.attention_factors(c)
+
+        kv_b = Linear((H, n + v), ("kv_lora", "heads", "kv_head_dim"), name="kv_b_proj", **lin)
+        if cache is None:
+            keys_latent, keys_rope, mask = c_kv, k_rope, causal_mask(positions, positions)
+        else:
+            cache = write_cache(cache, c_kv, k_rope, positions)
+            keys_latent, keys_rope = cache.c_kv.astype(dt), cache.k_rope.astype(dt)
+            slots = jnp.broadcast_to(jnp.arange(keys_latent.shape[1]), keys_latent.shape[:2])
+            mask = causal_mask(positions, slots)
+
+        if absorbed:
+            if cache is None:
+                raise ValueError("the absorbed MLA path attends over a latent cache: pass cache=LatentCache(...)")
+            w = kv_b(None, in_shape=(cl,))  # [c, H, n + v]
+            out = absorbed_attention(q_nope, q_rope, keys_latent, keys_rope, w[..., :n], w[..., n:],
+                                     mask, scale, dt)
+        else:
+            kv = kv_b(keys_latent)  # [B, S, H, n + v]
+            out = naive_attention(q_nope, q_rope, kv[..., :n], keys_rope, kv[..., n:], mask, scale, dt)
+        out = logical(out, ("activation_batch", "activation_length", "activation_heads", None))
+        y = Linear((c.hidden_size,), ("heads", "kv_head_dim", "embed"), in_dims=2, name="o_proj", **lin)(out)
+        return y, cache

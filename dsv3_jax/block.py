@@ -1,0 +1,89 @@
+"""The transformer block and the scanned stack of blocks (REFERENCE §2).
+
+``h = h + MLA(RMSNorm(h))``; ``h = h + FFN(RMSNorm(h))`` with FFN a dense SwiGLU or DeepSeekMoE.
+Layers of one kind are stacked on a leading ``layers`` axis and run with ``nn.scan`` (one trace, fast compiles;
+the pipeline splits that axis into stages).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from dsv3_jax.attention import MLA, LatentCache
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import MLP, RMSNorm, logical
+from dsv3_jax.moe import MoE
+
+REMAT_POLICIES = {
+    "full": None,  # recompute everything in the backward pass
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nn.Module):
+    """x [B, T, d] → (x [B, T, d], cache, aux). ``moe`` picks DeepSeekMoE over the dense FFN."""
+
+    cfg: ModelConfig
+    moe: bool
+    absorbed: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: LatentCache | None = None
+                 ) -> tuple[jax.Array, LatentCache | None, dict[str, jax.Array]]:
+        c = self.cfg
+        norm = dict(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
+        h, cache = MLA(c, name="self_attn")(RMSNorm(name="input_layernorm", **norm)(x), positions, cache,
+                                           self.absorbed)
+        x = x + h
+        y = RMSNorm(name="post_attention_layernorm", **norm)(x)
+        if self.moe:
+            y, aux = MoE(c, name="mlp")(y)
+        else:
+            y, aux = MLP(c, c.intermediate_size, name="mlp")(y), {}
+        x = logical(x + y, ("activation_batch", "activation_length", "activation_embed"))
+        return x, cache, aux
+
+
+def _maybe_remat(cfg: ModelConfig) -> type[Block]:
+    if cfg.remat == "none":
+        return Block
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
+
+
+class _ScanStep(nn.Module):
+    """One scan step: carry x, broadcast positions, per-layer cache slice → (x, (cache, aux))."""
+
+    cfg: ModelConfig
+    moe: bool
+    absorbed: bool
+
+    @nn.compact
+    def __call__(self, x, positions, cache):
+        x, cache, aux = _maybe_remat(self.cfg)(self.cfg, self.moe, self.absorbed, name="block")(x, positions, cache)
+        return x, (cache, aux)
+
+
+class BlockStack(nn.Module):
+    """``num_layers`` identical-kind blocks with params stacked on a leading ``layers`` axis.
+
+    x [B, T, d], positions [B, T], cache (stacked [L, B, S, ·]) or None → (x, cache, aux stacked [L, ...]).
+    """
+
+    cfg: ModelConfig
+    num_layers: int
+    moe: bool
+    absorbed: bool = False
+
+    @nn.compact
+    def __call__(self, x, positions, cache=None):
+        scan = nn.scan(
+            _ScanStep,
+            variable_axes={"params": 0, "router": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, 0),
+            length=self.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, (cache, aux) = scan(self.cfg, self.moe, self.absorbed, name="layers")(x, positions, cache)
+        return x, cache, aux

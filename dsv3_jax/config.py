@@ -1,0 +1,487 @@
+"""Typed configuration: model, data, training, mesh.
+
+One frozen dataclass per concern, nested under :class:`Config`. Configs load from our YAML files
+(``configs/*.yaml``), take dotted ``key=value`` overrides from the command line, and convert to and from a
+Hugging Face ``config.json`` (REFERENCE §1). Every error names the key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message says which and what is allowed."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """YaRN context extension (REFERENCE §3). ``mscale``/``mscale_all_dim`` None = key absent in HF config."""
+
+    type: Literal["yarn"] = "yarn"
+    factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = 1.0
+    mscale_all_dim: float | None = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """DeepSeek-V3 architecture. Field names follow HF ``config.json`` (REFERENCE §1); defaults are the 671B."""
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    first_k_dense_replace: int = 3
+    num_attention_heads: int = 128
+    q_lora_rank: int | None = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    topk_method: Literal["noaux_tc", "greedy", "group_limited_greedy"] = "noaux_tc"
+    norm_topk_prob: bool = True
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 163840
+    rope_scaling: RopeScaling | None = dataclasses.field(default_factory=RopeScaling)
+    # True: checkpoint rope dims are adjacent pairs (x[2i], x[2i+1]) — the official/HF default for V3.
+    rope_interleave: bool = True
+    # Official code applies YaRN only when max_position_embeddings > original length; HF whenever yarn is set.
+    yarn_only_when_extended: bool = False
+    num_nextn_predict_layers: int = 1
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.006
+    # Numerics: parameters are stored in param_dtype, matmuls run in dtype (norms/softmax/gate always float32).
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Kernel choices ("auto" picks the fastest available on the backend, pure JAX elsewhere).
+    attention_impl: Literal["auto", "xla"] = "auto"
+    moe_impl: Literal["auto", "ragged", "dense"] = "auto"
+    # Rematerialisation of each block in the backward pass: none | full | save_dots (keep matmul outputs).
+    remat: Literal["none", "full", "save_dots"] = "none"
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                        "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+                        "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
+                        "n_group", "topk_group", "max_position_embeddings")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ConfigError(f"model.q_lora_rank={self.q_lora_rank}: must be a positive int or null (plain q_proj)")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"model.qk_rope_head_dim={self.qk_rope_head_dim}: must be even (RoPE rotates pairs)")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            raise ConfigError(f"model.first_k_dense_replace={self.first_k_dense_replace}: must be in "
+                              f"[0, num_hidden_layers={self.num_hidden_layers}]")
+        if self.n_routed_experts % self.n_group:
+            raise ConfigError(f"model.n_routed_experts={self.n_routed_experts} is not divisible by "
+                              f"model.n_group={self.n_group}")
+        if self.topk_group > self.n_group:
+            raise ConfigError(f"model.topk_group={self.topk_group} > model.n_group={self.n_group}")
+        if self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
+            raise ConfigError(f"model.num_experts_per_tok={self.num_experts_per_tok} exceeds the experts in the "
+                              f"kept groups (topk_group × experts per group = "
+                              f"{self.topk_group * (self.n_routed_experts // self.n_group)})")
+        if self.num_nextn_predict_layers < 0 or self.n_shared_experts < 0:
+            raise ConfigError("model.num_nextn_predict_layers and model.n_shared_experts must be ≥ 0")
+
+    # Derived sizes -------------------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    @property
+    def latent_cache_dim(self) -> int:
+        """Values cached per token per layer by the absorbed decode path (kv_lora + rope key; 576 for V3)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def uses_yarn(self) -> bool:
+        rs = self.rope_scaling
+        if rs is None:
+            return False
+        if self.yarn_only_when_extended:
+            return self.max_position_embeddings > rs.original_max_position_embeddings
+        return True
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameter counts of the main model and MTP: total, activated per token, embedding, head."""
+        d, h = self.hidden_size, self.num_attention_heads
+        if self.q_lora_rank:
+            q = d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * h * self.qk_head_dim
+        else:
+            q = d * h * self.qk_head_dim
+        kv = (d * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+              + self.kv_lora_rank * h * (self.qk_nope_head_dim + self.v_head_dim))
+        attn = q + kv + h * self.v_head_dim * d + 2 * d  # + the two block norms
+        dense_ffn = 3 * d * self.intermediate_size
+        expert = 3 * d * self.moe_intermediate_size
+        moe_total = self.n_routed_experts * expert + self.n_shared_experts * expert + d * self.n_routed_experts
+        moe_active = (self.num_experts_per_tok + self.n_shared_experts) * expert + d * self.n_routed_experts
+        nd, nm = self.first_k_dense_replace, self.num_moe_layers
+        emb = self.vocab_size * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        body_total = nd * (attn + dense_ffn) + nm * (attn + moe_total) + d
+        body_active = nd * (attn + dense_ffn) + nm * (attn + moe_active) + d
+        mtp_one = 2 * d * d + 3 * d + attn + moe_total
+        mtp_one_active = 2 * d * d + 3 * d + attn + moe_active
+        return {
+            "total": emb + head + body_total,
+            "active": emb + head + body_active,
+            "embedding": emb,
+            "head": head,
+            "mtp_total": self.num_nextn_predict_layers * mtp_one,
+            "mtp_active": self.num_nextn_predict_layers * mtp_one_active,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data, training, mesh
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from. ``source: stdlib`` is the embedded default corpus (Python's own sources)."""
+
+    source: str = "stdlib"  # stdlib | path to a text file / directory / *.jsonl / *.array_record (glob ok)
+    tokenizer: str | None = None  # path to a tokenizer.json; None = byte-level BPE trained on the corpus
+    tokenizer_vocab_size: int = 4096
+    seq_len: int = 128
+    fim_rate: float = 0.1
+    seed: int = 0
+    val_fraction: float = 0.05
+    cache_dir: str = "~/.cache/dsv3_jax"
+    num_workers: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes (product must divide the device count; 1 = axis unused)."""
+
+    pipeline: int = 1
+    data: int = -1  # -1: whatever devices remain
+    expert: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation recipe (REFERENCE §5, §6, §9). Token counts are in tokens, LR values absolute."""
+
+    steps: int = 200
+    global_batch_size: int = 8  # sequences per step (after the batch ramp)
+    micro_batch_size: int | None = None  # None = no gradient accumulation
+    batch_ramp_start: int | None = None  # sequences per step at token 0; None = no ramp
+    batch_ramp_tokens: int = 0  # tokens over which the batch ramps to global_batch_size
+    lr: float = 2.2e-4
+    warmup_steps: int = 20
+    lr_constant_tokens: float = 0.0  # after warm-up, hold lr until this many tokens
+    lr_decay_tokens: float = 0.0  # cosine to lr_final over this many tokens (0 = no decay)
+    lr_final: float = 2.2e-5
+    adam_b1: float = 0.9
+    adam_b2: float = 0.95
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    moments_dtype: Literal["float32", "bfloat16"] = "float32"
+    mtp_lambda: float = 0.3
+    mtp_lambda_late: float = 0.1
+    mtp_lambda_switch_tokens: float = math.inf
+    balance_alpha: float = 1e-4
+    bias_update_speed: float = 1e-3  # γ
+    bias_update_freeze_tokens: float = math.inf  # γ = 0 after this many tokens
+    precision: Literal["bf16", "fp8"] = "bf16"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything one run needs. ``run_dir`` receives config.yaml, metrics.jsonl, events and checkpoints."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    run_dir: str = "runs/default"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with errors that help
+# ----------------------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def _check_positive(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"model.{n}={v!r}: must be a positive integer")
+
+
+def _suggest(key: str, valid: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/JSON/CLI value to annotation ``tp`` or raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}={value!r}: expected {_type_name(tp)}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}={value!r}: must be one of {', '.join(map(repr, allowed))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}={value!r}: expected bool (true/false)")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r}: expected int")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}={value!r}: expected int")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r}: expected float")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}={value!r}: expected float")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}={value!r}: expected str")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a dict; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        where = f"{prefix}.{k}" if prefix else k
+        if k not in fields:
+            raise ConfigError(f"unknown config key {where!r}.{_suggest(k, fields)} "
+                              f"Valid keys{' of ' + prefix if prefix else ''}: {', '.join(sorted(fields))}")
+        kwargs[k] = _coerce(v, hints[k], where)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - all fields have defaults
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (YAML/JSON friendly; inf stays a float)."""
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, cls: type) -> None:
+    parts = dotted.split(".")
+    node, node_cls = tree, cls
+    for i, p in enumerate(parts):
+        where = ".".join(parts[: i + 1])
+        if not dataclasses.is_dataclass(node_cls):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(parts[:i])!r} is not a section")
+        names = {f.name for f in dataclasses.fields(node_cls)}
+        if p not in names:
+            raise ConfigError(f"unknown config key {where!r}.{_suggest(p, names)}")
+        hint = typing.get_type_hints(node_cls)[p]
+        if i == len(parts) - 1:
+            node[p] = yaml.safe_load(value) if isinstance(value, str) else value
+            return
+        sub_cls = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)
+        if not isinstance(node.get(p), dict):
+            node[p] = {} if node.get(p) is None else node[p]
+        node, node_cls = node[p], sub_cls
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (),
+                cls: type[T] = Config) -> T:
+    """Load a YAML config and apply ``key=value`` overrides (values parsed as YAML scalars)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+        tree = loaded
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key=value (e.g. train.steps=50)")
+        key, value = ov.split("=", 1)
+        _set_dotted(tree, key.strip(), value, cls)
+    return from_dict(cls, tree)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HF config.json ↔ ModelConfig
+# ----------------------------------------------------------------------------------------------------------
+
+# HF keys that carry no architecture information for us (or are handled elsewhere).
+_HF_IGNORED = {
+    "architectures", "model_type", "auto_map", "torch_dtype", "dtype", "transformers_version", "bos_token_id",
+    "eos_token_id", "pad_token_id", "use_cache", "attention_bias", "attention_dropout", "hidden_act",
+    "pretraining_tp", "moe_layer_freq", "ep_size", "aux_loss_alpha", "seq_aux", "quantization_config",
+    "first_k_dense_replace_", "num_key_value_heads", "head_dim", "_name_or_path", "output_attentions",
+    "output_hidden_states", "return_dict", "tie_word_embeddings_", "id2label", "label2id", "rope_parameters",
+    "mlp_layer_types", "layer_types", "sliding_window", "max_window_layers", "use_sliding_window",
+}
+
+
+def model_config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> ModelConfig:
+    """ModelConfig from an HF ``config.json`` (dict or path). Unknown keys raise ConfigError naming them."""
+    if not isinstance(hf, dict):
+        p = Path(hf)
+        if p.is_dir():
+            p = p / "config.json"
+        if not p.exists():
+            raise ConfigError(f"HF config {str(p)!r} does not exist")
+        hf = json.loads(p.read_text())
+    hf = dict(hf)
+    if hf.get("model_type", "deepseek_v3") not in ("deepseek_v3", "deepseek_v2"):
+        raise ConfigError(f"HF config model_type={hf.get('model_type')!r}: expected 'deepseek_v3' (or 'deepseek_v2')")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"HF config hidden_act={hf['hidden_act']!r}: only 'silu' (SwiGLU) is supported")
+    if hf.get("attention_bias"):
+        raise ConfigError("HF config attention_bias=true is not supported (DeepSeek-V3 has no attention biases)")
+    rope_params = hf.pop("rope_parameters", None)
+    rs = hf.pop("rope_scaling", None)
+    if rs is None and isinstance(rope_params, dict) and rope_params.get("rope_type") not in (None, "default"):
+        rs = rope_params
+    if isinstance(rope_params, dict) and "rope_theta" in rope_params and "rope_theta" not in hf:
+        hf["rope_theta"] = rope_params["rope_theta"]
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    kw: dict[str, Any] = {}
+    for k, v in hf.items():
+        if k in _HF_IGNORED:
+            continue
+        if k not in fields:
+            raise ConfigError(f"unknown HF config field {k!r}.{_suggest(k, fields)}")
+        kw[k] = v
+    if "initializer_range" in kw and kw["initializer_range"] is None:
+        kw.pop("initializer_range")
+    if rs is not None and rs.get("rope_type", rs.get("type")) not in (None, "default"):
+        rtype = rs.get("rope_type", rs.get("type"))
+        if rtype != "yarn":
+            raise ConfigError(f"HF config rope_scaling type {rtype!r}: only 'yarn' is supported")
+        kw["rope_scaling"] = RopeScaling(
+            factor=float(rs["factor"]),
+            original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 4096)),
+            beta_fast=float(rs.get("beta_fast", 32)),
+            beta_slow=float(rs.get("beta_slow", 1)),
+            mscale=None if rs.get("mscale") is None else float(rs["mscale"]),
+            mscale_all_dim=None if rs.get("mscale_all_dim") is None else float(rs["mscale_all_dim"]),
+        )
+    else:
+        kw["rope_scaling"] = None
+    kw.setdefault("rope_interleave", True)
+    kw.update(overrides)
+    rope_scaling = kw.pop("rope_scaling")
+    return dataclasses.replace(from_dict(ModelConfig, kw, prefix="model"), rope_scaling=rope_scaling)
+
+
+def model_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """HF ``config.json`` dict for ``cfg`` (loadable by transformers' DeepseekV3ForCausalLM)."""
+    out: dict[str, Any] = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
+    skip = {"rope_scaling", "yarn_only_when_extended", "dtype", "param_dtype", "attention_impl", "moe_impl",
+            "remat"}
+    for f in dataclasses.fields(cfg):
+        if f.name not in skip:
+            out[f.name] = getattr(cfg, f.name)
+    rs = cfg.rope_scaling
+    if rs is not None:
+        d = {"type": "yarn", "rope_type": "yarn", "factor": rs.factor,
+             "original_max_position_embeddings": rs.original_max_position_embeddings,
+             "beta_fast": rs.beta_fast, "beta_slow": rs.beta_slow}
+        if rs.mscale is not None:
+            d["mscale"] = rs.mscale
+        if rs.mscale_all_dim is not None:
+            d["mscale_all_dim"] = rs.mscale_all_dim
+        out["rope_scaling"] = d
+    else:
+        out["rope_scaling"] = None
+    out.update({"hidden_act": "silu", "attention_bias": False, "num_key_value_heads": cfg.num_attention_heads,
+                "torch_dtype": "bfloat16", "bos_token_id": 0, "eos_token_id": 1})
+    return out

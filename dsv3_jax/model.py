@@ -1,0 +1,110 @@
+"""DeepSeek-V3: embed → dense blocks → MoE blocks → norm → head, plus the MTP modules (REFERENCE §2, §6).
+
+``Transformer(cfg).init(rng, tokens)`` gives ``{"params": ..., "router": ...}`` (router holds the MoE
+selection biases, which are not trained by gradient). ``apply`` returns a :class:`ModelOutput`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.attention import LatentCache
+from dsv3_jax.block import BlockStack
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import Embed, Linear, RMSNorm, logical
+from dsv3_jax.mtp import MTPModule, shift_tokens
+
+
+class ModelOutput(NamedTuple):
+    """logits [B, T, V] f32; mtp_logits [D, B, T, V] f32 (position i of depth k predicts t_{i+k+1}; the last
+    k positions are padding) or None; expert_load [L_moe, E] and balance [L_moe] of the main MoE layers;
+    mtp_expert_load [D, E], mtp_balance [D]; cache (dict of stacked LatentCache) or None; hidden [B, T, d]
+    the final normed hidden state (the head input)."""
+
+    logits: jax.Array
+    mtp_logits: jax.Array | None
+    expert_load: jax.Array
+    balance: jax.Array
+    mtp_expert_load: jax.Array
+    mtp_balance: jax.Array
+    cache: dict[str, LatentCache] | None
+    hidden: jax.Array
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> dict[str, LatentCache]:
+    """Empty latent caches for the main layers: {'dense': [L_dense, B, S, ·], 'moe': [L_moe, B, S, ·]}."""
+    out = {}
+    for name, n in (("dense", cfg.first_k_dense_replace), ("moe", cfg.num_moe_layers)):
+        if n:
+            one = LatentCache.init(cfg, batch, max_len, dtype)
+            out[name] = jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), one)
+    return out
+
+
+class Transformer(nn.Module):
+    """tokens [B, T] int32 (positions [B, T], default 0..T-1) → :class:`ModelOutput`.
+
+    With ``cache`` the new tokens' latents are written at their positions and attention runs over the cache
+    (``absorbed=True``: latent-space decode math). ``mtp=False`` skips the MTP modules (serving).
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 cache: dict[str, LatentCache] | None = None, absorbed: bool = False,
+                 mtp: bool = True) -> ModelOutput:
+        c = self.cfg
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        embed = Embed(c, name="embed")
+        x = logical(embed(tokens), ("activation_batch", "activation_length", "activation_embed"))
+
+        new_cache: dict[str, LatentCache] = {}
+        E = c.n_routed_experts
+        load, balance = jnp.zeros((0, E), jnp.float32), jnp.zeros((0,), jnp.float32)
+        for kind, n, moe in (("dense", c.first_k_dense_replace, False), ("moe", c.num_moe_layers, True)):
+            if not n:
+                continue
+            layer_cache = None if cache is None else cache[kind]
+            x, layer_cache, aux = BlockStack(c, n, moe, absorbed, name=f"{kind}_layers")(x, positions, layer_cache)
+            if layer_cache is not None:
+                new_cache[kind] = layer_cache
+            if moe:
+                load, balance = aux["load"], aux["balance"]
+
+        h = RMSNorm(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, name="norm")(x)
+        if c.tie_word_embeddings:
+            def head(z):
+                return jnp.einsum("btd,vd->btv", z, embed.embedding.astype(z.dtype),
+                                  preferred_element_type=jnp.float32)
+        else:
+            head = Linear((c.vocab_size,), ("embed", "vocab"), name="lm_head", dtype=c.dtype,
+                          param_dtype=c.param_dtype, init_std=c.initializer_range, out_dtype="float32")
+        logits = logical(head(h), ("activation_batch", "activation_length", "activation_vocab"))
+
+        mtp_logits, mtp_load, mtp_bal = None, jnp.zeros((0, E), jnp.float32), jnp.zeros((0,), jnp.float32)
+        if mtp and c.num_nextn_predict_layers:
+            outs, loads, bals = [], [], []
+            h_prev = h
+            for k in range(1, c.num_nextn_predict_layers + 1):
+                emb_next = embed(shift_tokens(tokens, k))
+                h_prev, h_normed, aux = MTPModule(c, k, name=f"mtp_{k - 1}")(h_prev, emb_next, positions)
+                outs.append(head(h_normed))
+                loads.append(aux.get("load", jnp.zeros((E,), jnp.float32)))
+                bals.append(aux.get("balance", jnp.zeros((), jnp.float32)))
+            mtp_logits, mtp_load, mtp_bal = jnp.stack(outs), jnp.stack(loads), jnp.stack(bals)
+
+        return ModelOutput(logits, mtp_logits, load, balance, mtp_load, mtp_bal,
+                           new_cache if cache is not None else None, h)
+
+
+def init_variables(cfg: ModelConfig, rng: jax.Array, batch: int = 1, seq: int = 8) -> dict:
+    """Fresh variables {'params', 'router'} as plain arrays (logical-axis boxes removed)."""
+    tokens = jnp.zeros((batch, seq), jnp.int32)
+    return nn.meta.unbox(Transformer(cfg).init(rng, tokens))

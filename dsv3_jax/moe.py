@@ -1,0 +1,140 @@
+"""DeepSeekMoE: gate (scores, selection bias, group limit, top-k), dropless dispatch, experts (REFERENCE §5).
+
+Shapes: N tokens (B·T flattened), d model width, E routed experts, K experts per token, F expert width.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.kernels import grouped_matmul
+from dsv3_jax.layers import MLP, dtype_of, logical, normal_init, swiglu
+
+
+class Routing(NamedTuple):
+    """Gate output: expert ids [N, K] int32, combine weights [N, K] f32, unbiased scores [N, E] f32."""
+
+    experts: jax.Array
+    weights: jax.Array
+    scores: jax.Array
+
+
+def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig) -> Routing:
+    """Select K experts per token from gate logits [N, E] (float32). REFERENCE §5 steps 1-5.
+
+    ``bias`` (noaux_tc) shifts scores for *selection only*; weights come from the unbiased scores.
+    """
+    logits = logits.astype(jnp.float32)
+    N, E = logits.shape
+    K, G = cfg.num_experts_per_tok, cfg.n_group
+    if cfg.scoring_func == "sigmoid":
+        scores = jax.nn.sigmoid(logits)
+    else:
+        scores = jax.nn.softmax(logits, axis=-1)
+    sel = scores if bias is None else scores + bias.astype(jnp.float32)[None, :]
+    if cfg.topk_method != "greedy" and G > 1:
+        grouped = sel.reshape(N, G, E // G)
+        if cfg.topk_method == "noaux_tc":
+            group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)  # sum of the top-2 biased scores
+        else:
+            group_score = grouped.max(-1)
+        _, keep = jax.lax.top_k(group_score, cfg.topk_group)  # [N, topk_group]
+        group_mask = jnp.zeros((N, G), bool).at[jnp.arange(N)[:, None], keep].set(True)
+        sel = jnp.where(jnp.repeat(group_mask, E // G, axis=1), sel, -jnp.inf)
+    _, experts = jax.lax.top_k(sel, K)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    if cfg.norm_topk_prob and K > 1:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return Routing(experts.astype(jnp.int32), weights * cfg.routed_scaling_factor, scores)
+
+
+def expert_load(experts: jax.Array, num_experts: int) -> jax.Array:
+    """Tokens routed to each expert [E] float32 from expert ids [..., K]."""
+    return jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(1.0)
+
+
+def sequence_balance(scores: jax.Array, experts: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Sequence-wise balance term ``Σ_i f_i P_i`` averaged over sequences (REFERENCE §5; α applied by the loss).
+
+    scores [B, T, E] unbiased gate scores, experts [B, T, K]. f uses the actual selection (no gradient).
+    """
+    B, T, E = scores.shape
+    K = cfg.num_experts_per_tok
+    p = (scores / scores.sum(-1, keepdims=True)).mean(axis=1)  # [B, E]
+    hits = jax.vmap(lambda e: expert_load(e, E))(experts)  # [B, E]
+    f = jax.lax.stop_gradient(hits * (E / (K * T)))
+    return (f * p).sum(-1).mean()
+
+
+def dispatch_ragged(x, routing, w_gate, w_up, w_down, impl="auto"):
+    """Dropless MoE by sorting token copies by expert and grouped matmuls. x [N, d] → [N, d].
+
+    Every token reaches all its K experts (no capacity, no dropping): N·K rows, grouped by expert id.
+    """
+    N, d = x.shape
+    E = w_gate.shape[0]
+    K = routing.experts.shape[1]
+    flat = routing.experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # row j of the sorted batch is copy order[j]
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    xs = jnp.take(x, order // K, axis=0)  # [N·K, d]
+    h = swiglu(grouped_matmul(xs, w_gate, sizes, impl), grouped_matmul(xs, w_up, sizes, impl))
+    ys = grouped_matmul(h, w_down, sizes, impl)  # [N·K, d]
+    y = jnp.take(ys, jnp.argsort(order), axis=0).reshape(N, K, d)
+    return jnp.einsum("nkd,nk->nd", y, routing.weights.astype(x.dtype), preferred_element_type=jnp.float32
+                      ).astype(x.dtype)
+
+
+def dispatch_dense(x, routing, w_gate, w_up, w_down):
+    """Reference MoE: every expert on every token, combined by the sparse weights. x [N, d] → [N, d]."""
+    E = w_gate.shape[0]
+    dt = x.dtype
+    h = swiglu(jnp.einsum("nd,edf->enf", x, w_gate.astype(dt)), jnp.einsum("nd,edf->enf", x, w_up.astype(dt)))
+    y = jnp.einsum("enf,efd->end", h, w_down.astype(dt), preferred_element_type=jnp.float32)
+    combine = jnp.zeros((x.shape[0], E), jnp.float32).at[
+        jnp.arange(x.shape[0])[:, None], routing.experts].add(routing.weights)
+    return jnp.einsum("end,ne->nd", y, combine).astype(dt)
+
+
+class MoE(nn.Module):
+    """Routed experts + shared expert(s). x [B, T, d] → (y [B, T, d], aux {load [E], balance []})."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        c = self.cfg
+        B, T, d = x.shape
+        E, F = c.n_routed_experts, c.moe_intermediate_size
+        pdt = dtype_of(c.param_dtype)
+        gate_w = self.param("gate", nn.with_logical_partitioning(normal_init(c.initializer_range), ("embed", None)),
+                            (d, E), jnp.float32)
+        bias = None
+        if c.topk_method == "noaux_tc":
+            # Not a trained parameter: updated from global expert loads after each step (REFERENCE §5).
+            bias = self.variable("router", "e_score_correction_bias",
+                                 nn.with_logical_partitioning(nn.initializers.zeros, (None,)), None,
+                                 (E,), jnp.float32).value
+        init = normal_init(c.initializer_range)
+        w_gate = self.param("gate_proj", nn.with_logical_partitioning(init, ("exp", "embed", "moe_mlp")), (E, d, F), pdt)
+        w_up = self.param("up_proj", nn.with_logical_partitioning(init, ("exp", "embed", "moe_mlp")), (E, d, F), pdt)
+        w_down = self.param("down_proj", nn.with_logical_partitioning(init, ("exp", "moe_mlp", "embed")), (E, F, d), pdt)
+
+        xf = x.reshape(B * T, d)
+        logits = jnp.dot(xf.astype(jnp.float32), gate_w.astype(jnp.float32))  # gate in f32 (REFERENCE §12)
+        r = route(logits, bias, c)
+        if c.moe_impl == "dense":
+            y = dispatch_dense(xf, r, w_gate, w_up, w_down)
+        else:
+            y = dispatch_ragged(xf, r, w_gate, w_up, w_down)
+        y = y.reshape(B, T, d)
+        if c.n_shared_experts:
+            y = y + MLP(c, F * c.n_shared_experts, name="shared_experts")(x)
+        aux = {"load": expert_load(r.experts, E),
+               "balance": sequence_balance(r.scores.reshape(B, T, E), r.experts.reshape(B, T, -1), c)}
+        return logical(y, ("activation_batch", "activation_length", "activation_embed")), aux

@@ -1,0 +1,1 @@
+"""Meshes, the logical-axis rules table and parallel strategies (expert, pipeline, data)."""
