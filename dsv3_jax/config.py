@@ -404,9 +404,12 @@ _HF_IGNORED = {
     "architectures", "model_type", "auto_map", "torch_dtype", "dtype", "transformers_version", "bos_token_id",
     "eos_token_id", "pad_token_id", "use_cache", "attention_bias", "attention_dropout", "hidden_act",
     "pretraining_tp", "moe_layer_freq", "ep_size", "aux_loss_alpha", "seq_aux", "quantization_config",
-    "first_k_dense_replace_", "num_key_value_heads", "head_dim", "_name_or_path", "output_attentions",
-    "output_hidden_states", "return_dict", "tie_word_embeddings_", "id2label", "label2id", "rope_parameters",
+    "num_key_value_heads", "head_dim", "_name_or_path", "output_attentions",
+    "output_hidden_states", "return_dict", "id2label", "label2id", "rope_parameters",
     "mlp_layer_types", "layer_types", "sliding_window", "max_window_layers", "use_sliding_window",
+    "output_router_logits", "router_aux_loss_coef", "qk_head_dim", "tokenizer_class", "is_encoder_decoder",
+    "use_bfloat16", "torchscript", "chunk_size_feed_forward", "problem_type", "add_cross_attention",
+    "tie_encoder_decoder", "_attn_implementation", "_attn_implementation_autoset",
 }
 
 
@@ -426,6 +429,11 @@ def model_config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> M
         raise ConfigError(f"HF config hidden_act={hf['hidden_act']!r}: only 'silu' (SwiGLU) is supported")
     if hf.get("attention_bias"):
         raise ConfigError("HF config attention_bias=true is not supported (DeepSeek-V3 has no attention biases)")
+    if hf.get("moe_layer_freq", 1) != 1:
+        raise ConfigError(f"HF config moe_layer_freq={hf['moe_layer_freq']}: only 1 (every layer after "
+                          f"first_k_dense_replace is MoE) is supported")
+    if "qk_head_dim" in hf and hf["qk_head_dim"] != hf.get("qk_nope_head_dim", 128) + hf.get("qk_rope_head_dim", 64):
+        raise ConfigError(f"HF config qk_head_dim={hf['qk_head_dim']} ≠ qk_nope_head_dim + qk_rope_head_dim")
     rope_params = hf.pop("rope_parameters", None)
     rs = hf.pop("rope_scaling", None)
     if rs is None and isinstance(rope_params, dict) and rope_params.get("rope_type") not in (None, "default"):

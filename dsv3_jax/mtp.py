@@ -19,7 +19,8 @@ from dsv3_jax.layers import Linear, RMSNorm
 
 def shift_tokens(tokens: jax.Array, k: int, pad_id: int = 0) -> jax.Array:
     """tokens [B, T] → [B, T] with position i holding t_{i+k} (last k positions = pad_id)."""
-    return jnp.pad(tokens[:, k:], ((0, 0), (0, k)), constant_values=pad_id)
+    T = tokens.shape[1]
+    return jnp.pad(tokens, ((0, 0), (0, k)), constant_values=pad_id)[:, k: k + T]
 
 
 class MTPModule(nn.Module):

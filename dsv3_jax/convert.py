@@ -1,0 +1,54 @@
+"""Convert between HF safetensors checkpoints and dsv3-jax Orbax checkpoints.
+
+    python -m dsv3_jax.convert --hf-dir DIR --out CKPT_DIR [--dtype bfloat16]     # HF → Orbax
+    python -m dsv3_jax.convert --checkpoint CKPT_DIR --to-hf OUT_DIR [--dtype bfloat16]  # Orbax → HF
+
+Both directions stream tensor by tensor and write to a temporary directory renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dsv3_jax.hf import CheckpointError, load_hf, save_hf
+from dsv3_jax.params_io import load_variables, save_variables
+
+DTYPES = ("float32", "bfloat16")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dsv3_jax.convert", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf-dir", help="HF checkpoint directory (config.json + *.safetensors)")
+    src.add_argument("--checkpoint", help="dsv3-jax params checkpoint directory (from --out)")
+    ap.add_argument("--out", help="output Orbax checkpoint directory (with --hf-dir)")
+    ap.add_argument("--to-hf", help="output HF directory (with --checkpoint)")
+    ap.add_argument("--dtype", choices=DTYPES, default=None,
+                    help="parameter dtype to store (default: float32 for Orbax, as stored for HF export)")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    ap.add_argument("--allow-extra", action="store_true", help="ignore tensors the model has no place for")
+    a = ap.parse_args(argv)
+    try:
+        if a.hf_dir:
+            if not a.out:
+                ap.error("--hf-dir needs --out")
+            variables, cfg = load_hf(a.hf_dir, dtype=a.dtype or "float32", strict=not a.allow_extra, progress=True)
+            out = save_variables(a.out, variables, cfg, overwrite=a.force)
+            print(f"wrote {out} ({cfg.num_hidden_layers} layers, {cfg.num_nextn_predict_layers} MTP, "
+                  f"{cfg.param_dtype})")
+        else:
+            if not a.to_hf:
+                ap.error("--checkpoint needs --to-hf")
+            variables, cfg = load_variables(a.checkpoint)
+            out = save_hf(variables, cfg.model, a.to_hf, dtype=a.dtype)
+            print(f"wrote {out}")
+    except (CheckpointError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

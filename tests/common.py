@@ -1,0 +1,23 @@
+"""Shared test helpers: fixture paths and a tiny float32 model config."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from dsv3_jax.config import ModelConfig, RopeScaling
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A small float32 DeepSeek-V3 with every feature on (q/kv low rank, YaRN, dense+MoE, groups, MTP)."""
+    cfg = ModelConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=3,
+        first_k_dense_replace=1, num_attention_heads=3, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
+        n_group=4, topk_group=2, max_position_embeddings=64,
+        rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=16, mscale=0.707, mscale_all_dim=1.0),
+        num_nextn_predict_layers=1, initializer_range=0.2, dtype="float32", param_dtype="float32",
+    )
+    return dataclasses.replace(cfg, **overrides)
