@@ -182,6 +182,8 @@ class DataConfig:
     val_fraction: float = 0.05
     cache_dir: str = "~/.cache/dsv3_jax"
     num_workers: int = 0
+    # The default BPE tokenizer trains on about this many bytes of the train split (keeps training to seconds).
+    tokenizer_train_bytes: int = 8_000_000
 
 
 @dataclasses.dataclass(frozen=True)
