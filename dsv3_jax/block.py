@@ -7,6 +7,10 @@ the pipeline splits that axis into stages).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax
 
@@ -64,6 +68,26 @@ class _ScanStep(nn.Module):
         return x, (cache, aux)
 
 
+# A parallel strategy (sharding/pipeline.py) may run the MoE stack itself: fn(cfg, variables, x, positions)
+# → (x, aux) with the stacked variables of this stack. The layer math stays in Block.
+_STACK: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("moe_stack", default=None)
+
+
+@contextlib.contextmanager
+def moe_stack_override(fn: Callable):
+    token = _STACK.set(fn)
+    try:
+        yield
+    finally:
+        _STACK.reset(token)
+
+
+def apply_block(cfg: ModelConfig, moe: bool, variables: dict, x: jax.Array, positions: jax.Array):
+    """One block from explicit per-layer variables {'params', 'router'?} (no stack axis) → (x, aux)."""
+    x, _, aux = _maybe_remat(cfg)(cfg, moe).apply(variables, x, positions)
+    return x, aux
+
+
 class BlockStack(nn.Module):
     """``num_layers`` identical-kind blocks with params stacked on a leading ``layers`` axis.
 
@@ -77,13 +101,18 @@ class BlockStack(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, cache=None):
+        override = _STACK.get()
+        if override is not None and self.moe and cache is None and not self.is_initializing():
+            x, aux = override(self.cfg, self.variables, x, positions)
+            return x, None, aux
         scan = nn.scan(
             _ScanStep,
             variable_axes={"params": 0, "router": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast, 0),
             length=self.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
+            # Only the MoE stack is pipelined; dense layers stay whole on every stage.
+            metadata_params={nn.PARTITION_NAME: "layers" if self.moe else "dense_layers"},
         )
         x, (cache, aux) = scan(self.cfg, self.moe, self.absorbed, name="layers")(x, positions, cache)
         return x, cache, aux

@@ -195,6 +195,7 @@ class MeshConfig:
     expert: int = 1
     fsdp: int = 1
     tensor: int = 1
+    pipeline_microbatches: int = 0  # micro-batches per step through the pipeline; 0 = 2 × pipeline stages
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,9 @@ Shapes: N tokens (B·T flattened), d model width, E routed experts, K experts pe
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -101,6 +104,20 @@ def dispatch_dense(x, routing, w_gate, w_up, w_down):
     return jnp.einsum("end,ne->nd", y, combine).astype(dt)
 
 
+# A parallel strategy (sharding/expert.py) may replace the dispatch while a step is traced; the math stays here.
+_DISPATCH: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("moe_dispatch", default=None)
+
+
+@contextlib.contextmanager
+def dispatch_override(fn: Callable):
+    """Use ``fn(x, routing, w_gate, w_up, w_down) → y`` for routed experts while the context is active."""
+    token = _DISPATCH.set(fn)
+    try:
+        yield
+    finally:
+        _DISPATCH.reset(token)
+
+
 class MoE(nn.Module):
     """Routed experts + shared expert(s). x [B, T, d] → (y [B, T, d], aux {load [E], balance []})."""
 
@@ -128,7 +145,9 @@ class MoE(nn.Module):
         xf = x.reshape(B * T, d)
         logits = jnp.dot(xf.astype(jnp.float32), gate_w.astype(jnp.float32))  # gate in f32 (REFERENCE §12)
         r = route(logits, bias, c)
-        if c.moe_impl == "dense":
+        if (override := _DISPATCH.get()) is not None:
+            y = override(xf, r, w_gate, w_up, w_down)
+        elif c.moe_impl == "dense":
             y = dispatch_dense(xf, r, w_gate, w_up, w_down)
         else:
             y = dispatch_ragged(xf, r, w_gate, w_up, w_down)

@@ -1,0 +1,56 @@
+"""Shardings for params, optimizer state and batches from logical names; the context a step is traced in."""
+
+from __future__ import annotations
+
+import contextlib
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import Transformer
+from sharding.expert import expert_parallel
+from sharding.pipeline import pipeline_parallel
+from sharding.rules import LOGICAL_RULES, batch_spec
+
+
+def logical_specs(cfg: ModelConfig) -> dict:
+    """Logical PartitionSpecs of every variable of ``Transformer(cfg)`` (no allocation)."""
+    tokens = jax.ShapeDtypeStruct((1, 1), jax.numpy.int32)
+    boxed = jax.eval_shape(lambda t: Transformer(cfg).init(jax.random.key(0), t), tokens)
+    return nn.get_partition_spec(boxed)
+
+
+def variable_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
+    """NamedSharding per variable leaf ({'params', 'router'}) from the rules table."""
+    return nn.logical_to_mesh_sharding(logical_specs(cfg), mesh, LOGICAL_RULES)
+
+
+def zero1_sharding(sharding: NamedSharding, shape: tuple[int, ...], axis: str = "data") -> NamedSharding:
+    """The sharding of an optimizer-state leaf under ZeRO-1: its param's, plus ``axis`` on the first dim that
+    is not yet sharded and divides evenly (left as is when none does)."""
+    mesh = sharding.mesh
+    n = mesh.shape.get(axis, 1)
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    used = {a for s in spec if s is not None for a in ((s,) if isinstance(s, str) else s)}
+    if n == 1 or axis in used:
+        return sharding
+    for i, (s, dim) in enumerate(zip(spec, shape)):
+        if s is None and dim % n == 0:
+            spec[i] = axis
+            return NamedSharding(mesh, P(*spec))
+    return sharding
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    return NamedSharding(mesh, batch_spec(ndim))
+
+
+@contextlib.contextmanager
+def parallel_context(mesh: Mesh, pipeline_microbatches: int = 0):
+    """Trace model code under ``mesh``: logical constraints resolve through the rules table, MoE layers
+    dispatch across the expert axis and the MoE stack runs through the pipeline."""
+    with (jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES), expert_parallel(mesh),
+          pipeline_parallel(mesh, pipeline_microbatches)):
+        yield
