@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import flax.linen as nn
 import jax
@@ -28,17 +29,18 @@ def variable_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
 
 
 def zero1_sharding(sharding: NamedSharding, shape: tuple[int, ...], axis: str = "data") -> NamedSharding:
-    """The sharding of an optimizer-state leaf under ZeRO-1: its param's, plus ``axis`` on the first dim that
-    is not yet sharded and divides evenly (left as is when none does)."""
+    """The sharding of an optimizer-state leaf under ZeRO-1: its param's, with ``axis`` added to the first dim
+    that still divides evenly (left as is when none does, or when ``axis`` is already used)."""
     mesh = sharding.mesh
     n = mesh.shape.get(axis, 1)
     spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-    used = {a for s in spec if s is not None for a in ((s,) if isinstance(s, str) else s)}
-    if n == 1 or axis in used:
+    names = [() if s is None else ((s,) if isinstance(s, str) else tuple(s)) for s in spec]
+    if n == 1 or any(axis in a for a in names):
         return sharding
-    for i, (s, dim) in enumerate(zip(spec, shape)):
-        if s is None and dim % n == 0:
-            spec[i] = axis
+    for i, dim in enumerate(shape):
+        factor = math.prod(mesh.shape[a] for a in names[i])
+        if dim % (factor * n) == 0:
+            spec[i] = (*names[i], axis)
             return NamedSharding(mesh, P(*spec))
     return sharding
 
