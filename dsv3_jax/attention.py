@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from dsv3_jax import rope
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.kernels import causal_attention
 from dsv3_jax.layers import Linear, RMSNorm, dtype_of, logical
 
 
@@ -128,7 +129,7 @@ class MLA(nn.Module):
 
         kv_b = Linear((H, n + v), ("kv_lora", "heads", "kv_head_dim"), name="kv_b_proj", **lin)
         if cache is None:
-            keys_latent, keys_rope, mask = c_kv, k_rope, causal_mask(positions, positions)
+            keys_latent, keys_rope, mask = c_kv, k_rope, None
         else:
             cache = write_cache(cache, c_kv, k_rope, positions)
             keys_latent, keys_rope = cache.c_kv.astype(dt), cache.k_rope.astype(dt)
@@ -141,6 +142,11 @@ class MLA(nn.Module):
             w = kv_b(None, in_shape=(cl,))  # [c, H, n + v]
             out = absorbed_attention(q_nope, q_rope, keys_latent, keys_rope, w[..., :n], w[..., n:],
                                      mask, scale, dt)
+        elif cache is None:
+            # Training / prefill from scratch: causal by index, one fused kernel where available.
+            kv = kv_b(keys_latent)  # [B, T, H, n + v]
+            k = jnp.concatenate([kv[..., :n], jnp.broadcast_to(keys_rope[:, :, None], (*kv.shape[:3], r))], -1)
+            out = causal_attention(jnp.concatenate([q_nope, q_rope], -1), k, kv[..., n:], scale, c.attention_impl)
         else:
             kv = kv_b(keys_latent)  # [B, S, H, n + v]
             out = naive_attention(q_nope, q_rope, kv[..., :n], keys_rope, kv[..., n:], mask, scale, dt)

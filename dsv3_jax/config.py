@@ -81,8 +81,9 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     # Kernel choices ("auto" picks the fastest available on the backend, pure JAX elsewhere).
-    attention_impl: Literal["auto", "xla"] = "auto"
-    moe_impl: Literal["auto", "ragged", "dense"] = "auto"
+    attention_impl: Literal["auto", "xla", "tokamax"] = "auto"
+    # ragged: sort + grouped matmul (tokamax on GPU, else lax.ragged_dot); dense: every expert on every token
+    moe_impl: Literal["auto", "ragged", "dense", "xla", "tokamax"] = "auto"
     # Rematerialisation of each block in the backward pass: none | full | save_dots (keep matmul outputs).
     remat: Literal["none", "full", "save_dots"] = "none"
 

@@ -150,7 +150,7 @@ class MoE(nn.Module):
         elif c.moe_impl == "dense":
             y = dispatch_dense(xf, r, w_gate, w_up, w_down)
         else:
-            y = dispatch_ragged(xf, r, w_gate, w_up, w_down)
+            y = dispatch_ragged(xf, r, w_gate, w_up, w_down, "auto" if c.moe_impl == "ragged" else c.moe_impl)
         y = y.reshape(B, T, d)
         if c.n_shared_experts:
             y = y + MLP(c, F * c.n_shared_experts, name="shared_experts")(x)
