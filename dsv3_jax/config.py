@@ -39,6 +39,8 @@ class RopeScaling:
     beta_slow: float = 1.0
     mscale: float | None = 1.0
     mscale_all_dim: float | None = 1.0
+    attention_factor: float | None = None  # explicit cos/sin factor (HF key); None = from mscale terms
+    truncate: bool = True  # floor/ceil the correction range (HF's default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -458,13 +460,19 @@ def model_config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> M
         rtype = rs.get("rope_type", rs.get("type"))
         if rtype != "yarn":
             raise ConfigError(f"HF config rope_scaling type {rtype!r}: only 'yarn' is supported")
+        orig = int(rs.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 4096))
+        factor = rs.get("factor")
+        if factor is None:  # HF: the ratio of the extended to the original length
+            factor = hf.get("max_position_embeddings", orig) / orig
         kw["rope_scaling"] = RopeScaling(
-            factor=float(rs["factor"]),
-            original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 4096)),
-            beta_fast=float(rs.get("beta_fast", 32)),
-            beta_slow=float(rs.get("beta_slow", 1)),
+            factor=float(factor),
+            original_max_position_embeddings=orig,
+            beta_fast=float(rs.get("beta_fast") or 32),
+            beta_slow=float(rs.get("beta_slow") or 1),
             mscale=None if rs.get("mscale") is None else float(rs["mscale"]),
             mscale_all_dim=None if rs.get("mscale_all_dim") is None else float(rs["mscale_all_dim"]),
+            attention_factor=None if rs.get("attention_factor") is None else float(rs["attention_factor"]),
+            truncate=bool(rs.get("truncate", True)),
         )
     else:
         kw["rope_scaling"] = None
@@ -491,6 +499,10 @@ def model_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             d["mscale"] = rs.mscale
         if rs.mscale_all_dim is not None:
             d["mscale_all_dim"] = rs.mscale_all_dim
+        if rs.attention_factor is not None:
+            d["attention_factor"] = rs.attention_factor
+        if not rs.truncate:
+            d["truncate"] = False
         out["rope_scaling"] = d
     else:
         out["rope_scaling"] = None

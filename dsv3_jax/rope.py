@@ -32,8 +32,11 @@ def inv_freq(cfg: ModelConfig) -> np.ndarray:
         return freq.astype(np.float32)
     rs = cfg.rope_scaling
     assert rs is not None
-    low = max(math.floor(_correction_dim(rs.beta_fast, d, base, rs.original_max_position_embeddings)), 0)
-    high = min(math.ceil(_correction_dim(rs.beta_slow, d, base, rs.original_max_position_embeddings)), d - 1)
+    low = _correction_dim(rs.beta_fast, d, base, rs.original_max_position_embeddings)
+    high = _correction_dim(rs.beta_slow, d, base, rs.original_max_position_embeddings)
+    if rs.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
     if low == high:
         high += 0.001
     ramp = np.clip((np.arange(d // 2, dtype=np.float32) - low) / (high - low), 0, 1)
@@ -49,7 +52,9 @@ def attention_factors(cfg: ModelConfig) -> tuple[float, float]:
         return scale, 1.0
     if rs.mscale_all_dim:
         scale *= yarn_mscale(rs.factor, rs.mscale_all_dim) ** 2
-    if rs.mscale and rs.mscale_all_dim:
+    if rs.attention_factor is not None:
+        cos_factor = rs.attention_factor
+    elif rs.mscale and rs.mscale_all_dim:
         cos_factor = yarn_mscale(rs.factor, rs.mscale) / yarn_mscale(rs.factor, rs.mscale_all_dim)
     else:
         cos_factor = yarn_mscale(rs.factor)

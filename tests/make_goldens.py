@@ -675,6 +675,7 @@ def main():
                                   k2_chain_variant_maxdiff=float(np.abs(mtp_b_pn[2] - mtp_b[2]).max()))
 
     summary["hf_save_pretrained"] = make_hf_save_pretrained()
+    make_rope_variants()
 
     for name in ("tiny_yarn", "tiny_yarn_fp8", "tiny_plainq", "hf_save_pretrained"):
         lg = np.load(os.path.join(OUT_ROOT, name, "logits.npy"))
@@ -722,6 +723,34 @@ def make_hf_save_pretrained():
     np.save(os.path.join(d, "tokens.npy"), tokens)
     np.save(os.path.join(d, "logits.npy"), logits)
     return {"note": "written by save_pretrained (bf16)"}
+
+
+ROPE_VARIANTS = {
+    "no_truncate": {"rope_type": "yarn", "factor": 6.0, "original_max_position_embeddings": 64, "truncate": False},
+    "attention_factor": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                         "attention_factor": 1.3, "mscale": 1.0, "mscale_all_dim": 1.0},
+    "mscale_only": {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 128, "mscale": 0.707},
+    "v3": {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32,
+           "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+}
+
+
+def make_rope_variants():
+    """HF's YaRN numbers (inv_freq, cos/sin factor, softmax scale) for rope_scaling variants → rope_variants.json."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as m
+
+    out = {}
+    for name, rs in ROPE_VARIANTS.items():
+        max_pos = 163840 if name == "v3" else 256
+        config = DeepseekV3Config(hidden_size=64, num_attention_heads=2, qk_rope_head_dim=64, qk_nope_head_dim=128,
+                                  v_head_dim=128, max_position_embeddings=max_pos, rope_scaling=copy.deepcopy(rs))
+        rot = m.DeepseekV3RotaryEmbedding(config)
+        attn = m.DeepseekV3Attention(config, 0)
+        out[name] = {"rope_scaling": rs, "max_position_embeddings": max_pos,
+                     "inv_freq": rot.inv_freq.tolist(), "cos_sin_factor": float(rot.attention_scaling),
+                     "softmax_scale": float(attn.scaling)}
+    write_json(os.path.join(OUT_ROOT, "rope_variants.json"), out)
 
 
 if __name__ == "__main__":

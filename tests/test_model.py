@@ -255,3 +255,20 @@ def test_rope_is_a_relative_rotation(interleave):
 
     assert math.isclose(dot(3, 1), dot(10, 8), rel_tol=1e-4)
     assert not math.isclose(dot(3, 1), dot(3, 2), rel_tol=1e-3)
+
+
+def test_yarn_variants_match_hf():
+    """HF's own YaRN numbers for rope_scaling variants (no truncation, explicit attention_factor, mscale only)."""
+    import json
+
+    from dsv3_jax.config import model_config_from_hf, model_config_to_hf
+
+    variants = json.loads((FIXTURES / "rope_variants.json").read_text())
+    base = model_config_to_hf(ModelConfig(qk_rope_head_dim=64))
+    for name, v in variants.items():
+        cfg = model_config_from_hf({**base, "rope_scaling": v["rope_scaling"],
+                                    "max_position_embeddings": v["max_position_embeddings"]})
+        np.testing.assert_allclose(rope.inv_freq(cfg), v["inv_freq"], rtol=1e-6, err_msg=name)
+        scale, factor = rope.attention_factors(cfg)
+        assert math.isclose(scale, v["softmax_scale"], rel_tol=1e-6), name
+        assert math.isclose(factor, v["cos_sin_factor"], rel_tol=1e-6), name

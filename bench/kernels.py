@@ -1,0 +1,137 @@
+"""Kernel benchmarks at the bench config's shapes: grouped GEMM (experts), MLA attention, FP8 GEMM, dense GEMM.
+
+    python bench/kernels.py [--json OUT.json] [--quick]
+
+Prints a table (TFLOP/s of useful work, median of --iters runs after a warm-up) and, with --json, writes the
+numbers. On CPU it runs tiny shapes only to check that the script works (--quick is implied).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from dsv3_jax.kernels import causal_attention, grouped_matmul  # noqa: E402
+from dsv3_jax.kernels._backend import on_gpu, tokamax  # noqa: E402
+
+
+def bench(fn, *args, iters: int = 20) -> float:
+    """Median seconds of ``fn(*args)`` (jitted by the caller) after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def grouped_gemm_rows(quick: bool, iters: int) -> list[dict]:
+    tokens, d, f, E, K = (8192, 2048, 1024, 64, 6) if not quick else (256, 64, 32, 8, 2)
+    M = tokens * K
+    key = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(key[0], (M, d), jnp.bfloat16)
+    w = (jax.random.normal(key[1], (E, d, f), jnp.float32) * 0.02).astype(jnp.bfloat16)
+    sizes = jnp.full((E,), M // E, jnp.int32)  # balanced routing
+    flops = 2 * M * d * f
+    rows = []
+    impls = ["xla"] + (["tokamax"] if tokamax() is not None else [])
+    for impl in impls:
+        fwd = jax.jit(lambda a, b, s, impl=impl: grouped_matmul(a, b, s, impl))
+        t = bench(fwd, x, w, sizes, iters=iters)
+        rows.append(dict(op="grouped GEMM fwd", shape=f"[{M},{d}]x[{E},{d},{f}]", impl=impl, ms=t * 1e3,
+                         tflops=flops / t / 1e12))
+        fb = jax.jit(jax.grad(lambda a, b, s, impl=impl: grouped_matmul(a, b, s, impl).astype(jnp.float32)
+                              .sum(), argnums=(0, 1)))
+        t = bench(fb, x, w, sizes, iters=iters)
+        rows.append(dict(op="grouped GEMM fwd+bwd", shape=f"[{M},{d}]x[{E},{d},{f}]", impl=impl, ms=t * 1e3,
+                         tflops=3 * flops / t / 1e12))
+    return rows
+
+
+def attention_rows(quick: bool, iters: int) -> list[dict]:
+    B, T, H, dqk, dv = (2, 4096, 16, 192, 128) if not quick else (1, 128, 2, 24, 16)
+    key = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(key[0], (B, T, H, dqk), jnp.bfloat16)
+    k = jax.random.normal(key[1], (B, T, H, dqk), jnp.bfloat16)
+    v = jax.random.normal(key[2], (B, T, H, dv), jnp.bfloat16)
+    scale = dqk ** -0.5
+    flops = 2 * B * H * T * T * (dqk + dv) / 2  # causal: half the score matrix
+    rows = []
+    impls = ["xla"] + (["tokamax"] if tokamax() is not None else [])
+    for impl in impls:
+        fwd = jax.jit(lambda q, k, v, impl=impl: causal_attention(q, k, v, scale, impl))
+        try:
+            t = bench(fwd, q, k, v, iters=iters)
+            rows.append(dict(op="MLA attention fwd", shape=f"B{B} T{T} H{H} qk{dqk} v{dv}", impl=impl,
+                             ms=t * 1e3, tflops=flops / t / 1e12))
+            fb = jax.jit(jax.grad(lambda q, k, v, impl=impl: causal_attention(q, k, v, scale, impl)
+                                  .astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+            t = bench(fb, q, k, v, iters=iters)
+            rows.append(dict(op="MLA attention fwd+bwd", shape=f"B{B} T{T} H{H} qk{dqk} v{dv}", impl=impl,
+                             ms=t * 1e3, tflops=3.5 * flops / t / 1e12))
+        except Exception as e:  # report, keep going
+            rows.append(dict(op="MLA attention", shape="", impl=impl, ms=float("nan"), tflops=float("nan"),
+                             error=f"{type(e).__name__}: {str(e)[:200]}"))
+    return rows
+
+
+def dense_rows(quick: bool, iters: int) -> list[dict]:
+    n = 8192 if not quick else 128
+    key = jax.random.split(jax.random.key(2), 2)
+    a = jax.random.normal(key[0], (n, n), jnp.bfloat16)
+    b = jax.random.normal(key[1], (n, n), jnp.bfloat16)
+    t = bench(jax.jit(lambda a, b: a @ b), a, b, iters=iters)
+    rows = [dict(op="dense GEMM bf16", shape=f"{n}^3", impl="xla", ms=t * 1e3, tflops=2 * n ** 3 / t / 1e12)]
+    # FP8 per-tensor scaled (XLA rewrites to cuBLASLt FP8 on Hopper).
+    f8 = jnp.float8_e4m3fn
+
+    def fp8_mm(a, b):
+        sa = jnp.max(jnp.abs(a)).astype(jnp.float32) / 448
+        sb = jnp.max(jnp.abs(b)).astype(jnp.float32) / 448
+        qa = (a.astype(jnp.float32) / sa).astype(f8)
+        qb = (b.astype(jnp.float32) / sb).astype(f8)
+        y = jax.lax.dot_general(qa, qb, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return (y * (sa * sb)).astype(jnp.bfloat16)
+
+    try:
+        t = bench(jax.jit(fp8_mm), a, b, iters=iters)
+        rows.append(dict(op="FP8 GEMM (per-tensor, incl. quantise)", shape=f"{n}^3", impl="xla", ms=t * 1e3,
+                         tflops=2 * n ** 3 / t / 1e12))
+    except Exception as e:
+        rows.append(dict(op="FP8 GEMM", shape=f"{n}^3", impl="xla", ms=float("nan"), tflops=float("nan"),
+                         error=str(e)[:200]))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    ap.add_argument("--iters", type=int, default=20)
+    a = ap.parse_args(argv)
+    quick = a.quick or not on_gpu()
+    rows = dense_rows(quick, a.iters) + grouped_gemm_rows(quick, a.iters) + attention_rows(quick, a.iters)
+    dev = jax.devices()[0]
+    print(f"\ndevice: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    print(f"{'op':40s} {'impl':8s} {'shape':34s} {'ms':>9s} {'TFLOP/s':>8s}")
+    for r in rows:
+        print(f"{r['op']:40s} {r['impl']:8s} {r['shape']:34s} {r['ms']:9.3f} {r['tflops']:8.1f}"
+              + (f"  ERROR {r['error']}" if "error" in r else ""))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"device": dev.device_kind, "jax": jax.__version__, "rows": rows},
+                                           indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
