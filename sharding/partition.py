@@ -53,6 +53,7 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 def parallel_context(mesh: Mesh, pipeline_microbatches: int = 0):
     """Trace model code under ``mesh``: logical constraints resolve through the rules table, MoE layers
     dispatch across the expert axis and the MoE stack runs through the pipeline."""
-    with (jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES), expert_parallel(mesh),
+    use = jax.set_mesh if isinstance(mesh, Mesh) else jax.sharding.use_abstract_mesh  # abstract: plans
+    with (use(mesh), nn.logical_axis_rules(LOGICAL_RULES), expert_parallel(mesh),
           pipeline_parallel(mesh, pipeline_microbatches)):
         yield

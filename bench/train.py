@@ -1,0 +1,108 @@
+"""Train-step benchmark: tokens/s, step time, MFU and peak memory for a config on one device.
+
+    python bench/train.py --config configs/bench_1gpu.yaml [--layers 6] [--seq 4096] [--mb 2] [--steps 10]
+                          [--mtp 0|1] [--json OUT.json] [key=value ...]
+
+MFU counts 6·(active non-embedding params, incl. lm_head and MTP) + 3·L·n_h·T·(d_qk + d_v) FLOPs per token
+(the attention term is already halved for causality: 2 matmuls × fwd+bwd 3× × ½) against the device's dense
+BF16 peak (989 TFLOP/s for H100 SXM) — the same formula as ../shared/GPU.md's HF peer numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dsv3_jax.config import ModelConfig, load_config  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12}
+
+
+def flops_per_token(m: ModelConfig, seq: int) -> float:
+    """Training FLOPs per token (see module docstring)."""
+    c = m.param_counts()
+    active = c["active"] - c["embedding"] + c["mtp_active"]
+    layers = m.num_hidden_layers + m.num_nextn_predict_layers
+    attn = layers * m.num_attention_heads * seq * (m.qk_head_dim + m.v_head_dim)
+    return 6 * active + 3 * attn
+
+
+def peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_BF16.items() if k in kind), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/bench_1gpu.yaml")
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--mb", type=int, default=2, help="sequences per step")
+    ap.add_argument("--mtp", type=int, help="MTP depth (0 to compare with HF, which has none)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--json")
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args(argv)
+
+    from dsv3_jax.training.step import init_state, train_step
+
+    ov = list(a.overrides) + [f"train.global_batch_size={a.mb}", "train.micro_batch_size=null"]
+    if a.layers:
+        ov.append(f"model.num_hidden_layers={a.layers}")
+    if a.seq:
+        ov += [f"data.seq_len={a.seq}", f"model.max_position_embeddings={max(a.seq, 4096)}"]
+    if a.mtp is not None:
+        ov.append(f"model.num_nextn_predict_layers={a.mtp}")
+    cfg = load_config(a.config, ov)
+    m, seq = cfg.model, cfg.data.seq_len
+    if jax.default_backend() == "cpu":  # smoke-test size
+        m = dataclasses.replace(m, dtype="float32")
+        cfg = dataclasses.replace(cfg, model=m)
+
+    t0 = time.perf_counter()
+    state = init_state(cfg)
+    tokens = np.random.default_rng(0).integers(0, m.vocab_size, (1, a.mb, seq + 1)).astype(np.int32)
+    for _ in range(a.warmup):
+        state, met = train_step(state, tokens, cfg)
+        jax.block_until_ready(met["loss"])
+    compile_s = time.perf_counter() - t0
+    times, losses = [], []
+    for _ in range(a.steps):
+        t = time.perf_counter()
+        state, met = train_step(state, tokens, cfg)
+        losses.append(float(jax.block_until_ready(met["loss"])))
+        times.append(time.perf_counter() - t)
+    step_s = statistics.median(times)
+    tps = a.mb * seq / step_s
+    fpt = flops_per_token(m, seq)
+    peak = peak_flops()
+    mfu = tps * fpt / peak if peak else None
+    stats = jax.devices()[0].memory_stats() or {}
+    mem = stats.get("peak_bytes_in_use", 0) / 2 ** 30
+    res = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, layers=m.num_hidden_layers,
+               mtp=m.num_nextn_predict_layers, seq=seq, mb=a.mb, step_ms=step_s * 1e3, tokens_per_s=tps,
+               tflops_per_s=tps * fpt / 1e12, mfu=mfu, peak_mem_gib=mem, compile_and_warmup_s=compile_s,
+               loss_first=losses[0], loss_last=losses[-1], flops_per_token=fpt,
+               active_params=m.param_counts()["active"], attention_impl=m.attention_impl, moe_impl=m.moe_impl,
+               remat=m.remat)
+    print(f"RESULT ours layers={res['layers']} mtp={res['mtp']} seq={seq} mb={a.mb} step {res['step_ms']:.0f} ms "
+          f"tokens/s {tps:.0f} TFLOP/s {res['tflops_per_s']:.1f} MFU "
+          f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} peak mem {mem:.1f} GiB (compile+warmup {compile_s:.0f}s)")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
