@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg, make_train_iter, make_eval_iter if cfg.train.eval_every > 0 else None)
     except Diverged as e:
         return _error(str(e), 3)
+    except ConfigError as e:  # e.g. run_dir holds checkpoints of a different model
+        return _error(str(e), 2)
     print(f"done: step {result.step}, {result.tokens_seen} tokens, run dir {cfg.run_dir}", file=sys.stderr)
     return 0
 

@@ -297,6 +297,10 @@ def test_partial_checkpoint_is_ignored(tmp_path):
     # And the loop resumes from the good step.
     more = tiny_cfg(tmp_path, "train.steps=3")
     assert train(more, *data_fns(more)).step == 3
+    # A different model in the same run dir is refused up front, naming the differing keys.
+    other = tiny_cfg(tmp_path, "model.hidden_size=48")
+    with pytest.raises(ConfigError, match="model.hidden_size: saved 32, now 48"):
+        train(other, *data_fns(other))
 
 
 KILL_DURING_SAVE = r"""

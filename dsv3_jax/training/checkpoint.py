@@ -92,6 +92,22 @@ class Checkpointer:
                            np.int64(meta["step"]), np.int64(meta["tokens_seen"]), r.opt["rng"])
         return state, meta.get("data")
 
+    def saved_config(self, step: int | None = None) -> dict[str, Any]:
+        """The config dict stored with ``step`` (latest by default)."""
+        step = self._mgr.latest_step() if step is None else step
+        return self._mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+    def check_compatible(self, cfg: Config) -> None:
+        """Raise ConfigError if the latest checkpoint's model differs from ``cfg.model`` (it cannot be restored)."""
+        step = self._mgr.latest_step()
+        if step is None:
+            return
+        saved, now = self.saved_config(step).get("model", {}), to_dict(cfg)["model"]
+        diff = [f"model.{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v]
+        if diff:
+            raise ConfigError(f"{self.directory}/{step} holds a different model ({'; '.join(diff)}). Resume with "
+                              f"the saved model config or start a new run_dir.")
+
     def wait(self) -> None:
         self._mgr.wait_until_finished()
 

@@ -87,7 +87,11 @@ def _next_batch(it: Iterator, n: int, mb: int, seq_len: int) -> np.ndarray:
 
 def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
           make_eval_iter: Callable[[int], Iterator] | None = None) -> RunResult:
-    """Train ``cfg`` to ``train.steps`` steps in ``cfg.run_dir`` (resuming if it holds a checkpoint)."""
+    """Train ``cfg`` to ``train.steps`` steps in ``cfg.run_dir`` (resuming if it holds a checkpoint).
+
+    Raises :class:`Diverged` on a non-finite loss/grad norm and ConfigError if the run dir's checkpoint holds a
+    different model.
+    """
     t = cfg.train
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +101,11 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
     progress = metrics_lib.Progress(t.steps, every=t.log_every)
     it = make_train_iter(mb)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoint)
+    try:
+        ckpt.check_compatible(cfg)  # before any compile: a clear ConfigError instead of an Orbax shape error
+    except Exception:
+        ckpt.close()
+        raise
     state = init_state(cfg)
     if ckpt.latest_step() is not None:
         state, data_state = ckpt.restore(state)

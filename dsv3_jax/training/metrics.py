@@ -2,7 +2,8 @@
 
 ``run_dir/metrics.jsonl``: one JSON object per logged step (keys in :data:`LOGGED`, plus eval_loss/eval_ppl
 on eval steps). Values are those of the logged step itself, except ``loss_avg`` (mean loss since the previous
-record) and ``tokens_per_s`` (over the steps since the previous record). ``run_dir/expert_load.jsonl``: per
+record) and ``tokens_per_s`` (over the steps since the previous record; the first record of a process includes
+compilation). ``run_dir/expert_load.jsonl``: per
 logged step the expert loads relative to the mean, [L_moe][E] (the plot's heat map). TensorBoard events go
 to ``run_dir/events`` when tensorboardX is installed.
 """

@@ -61,7 +61,11 @@ def bias_update_speed(t: TrainConfig, tokens: int) -> float:
 
 
 def micro_batch_size(t: TrainConfig) -> int:
-    """Sequences per micro-batch (the data iterator's batch size; fixed for the whole run)."""
+    """Sequences per micro-batch: the data iterator's batch size, fixed for the whole run.
+
+    ``train.micro_batch_size``, or by default ``batch_ramp_start`` when the batch ramps (the ramp then moves in
+    whole multiples of it) and ``global_batch_size`` otherwise (no accumulation).
+    """
     mb = t.micro_batch_size or (t.batch_ramp_start if t.batch_ramp_start else t.global_batch_size)
     for name, value in (("global_batch_size", t.global_batch_size), ("batch_ramp_start", t.batch_ramp_start)):
         if value is not None and (value <= 0 or value % mb):
