@@ -210,6 +210,7 @@ class TrainConfig:
     micro_batch_size: int | None = None  # None = no gradient accumulation
     batch_ramp_start: int | None = None  # sequences per step at token 0; None = no ramp
     batch_ramp_tokens: int = 0  # tokens over which the batch ramps to global_batch_size
+    batch_ramp_levels: int = 8  # distinct batch sizes during the ramp (each compiles one step variant)
     lr: float = 2.2e-4
     warmup_steps: int = 20
     lr_constant_tokens: float = 0.0  # after warm-up, hold lr until this many tokens
@@ -234,6 +235,9 @@ class TrainConfig:
     eval_batches: int = 4
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
+    async_checkpoint: bool = True  # write checkpoints in a background thread (training continues meanwhile)
+    # Peak FLOP/s of one device for MFU; 0 = look it up from the device kind (H100/H200: 989e12 dense BF16).
+    peak_flops: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

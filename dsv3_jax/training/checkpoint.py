@@ -1,0 +1,151 @@
+"""Checkpoints with Orbax: async, atomic, keep-last-N; full train state + data iterator position + config.
+
+Layout of ``run_dir/checkpoints/<step>/`` (one Orbax ``CheckpointManager`` step, ``step`` = steps done):
+
+    variables/   {'params', 'router'}            — all that serving/notebooks need (:func:`restore_params`)
+    opt/         {'opt_state', 'rng'}
+    meta/        JSON {'step', 'tokens_seen', 'data': data iterator state}   (exact Python ints)
+    config/      JSON of the resolved :class:`Config`
+
+Atomicity comes from Orbax: a step is written to ``<step>.orbax-checkpoint-tmp-*`` and renamed into place only
+once every item is complete (on object stores a commit marker plays the rename's part). A crash or ``kill -9``
+mid-save leaves a tmp dir that the manager never lists (and deletes on the next start), so restore always finds
+the previous complete step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dsv3_jax.config import Config, ConfigError, from_dict, to_dict
+from dsv3_jax.training.step import TrainState
+
+_ITEMS = ("variables", "opt", "meta", "config")
+
+
+def _as_restore_target(tree: Any) -> Any:
+    """Arrays / ShapeDtypeStructs → ShapeDtypeStructs with a sharding Orbax can restore onto."""
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def one(x):
+        sharding = getattr(x, "sharding", None) or default
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree.map(one, tree)
+
+
+class Checkpointer:
+    """Save/restore :class:`TrainState` + data iterator state under ``directory``.
+
+    ``save`` returns right after the arrays are copied off the device buffers (async mode), so the next train
+    step may donate them; ``wait`` blocks until the write is finalised.
+    """
+
+    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True) -> None:
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # remove tmp dirs left by a crash mid-save
+        )
+        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self._mgr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._mgr.all_steps())
+
+    def save(self, state: TrainState, data_state: dict[str, Any] | None, cfg: Config) -> bool:
+        """Start saving ``state`` at step ``state.step``; False if that step is already saved."""
+        step = int(state.step)
+        if step in self._mgr.all_steps():
+            return False
+        meta = {"step": step, "tokens_seen": int(state.tokens_seen), "data": data_state}
+        args = ocp.args.Composite(
+            variables=ocp.args.StandardSave({"params": state.params, "router": state.router}),
+            opt=ocp.args.StandardSave({"opt_state": state.opt_state, "rng": state.rng}),
+            meta=ocp.args.JsonSave(meta),
+            config=ocp.args.JsonSave(to_dict(cfg)),
+        )
+        return self._mgr.save(step, args=args, force=True)
+
+    def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any] | None]:
+        """Restore onto the structure (and shardings) of ``template``; latest complete step by default."""
+        step = self._mgr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        args = ocp.args.Composite(
+            variables=ocp.args.StandardRestore(_as_restore_target({"params": template.params,
+                                                                   "router": template.router})),
+            opt=ocp.args.StandardRestore(_as_restore_target({"opt_state": template.opt_state,
+                                                             "rng": template.rng})),
+            meta=ocp.args.JsonRestore(),
+        )
+        r = self._mgr.restore(step, args=args)
+        meta = r.meta
+        state = TrainState(r.variables["params"], r.variables["router"], r.opt["opt_state"],
+                           np.int64(meta["step"]), np.int64(meta["tokens_seen"]), r.opt["rng"])
+        return state, meta.get("data")
+
+    def saved_config(self, step: int | None = None) -> dict[str, Any]:
+        """The config dict stored with ``step`` (latest by default)."""
+        step = self._mgr.latest_step() if step is None else step
+        return self._mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+    def check_compatible(self, cfg: Config) -> None:
+        """Raise ConfigError if the latest checkpoint's model differs from ``cfg.model`` (it cannot be restored)."""
+        step = self._mgr.latest_step()
+        if step is None:
+            return
+        saved, now = self.saved_config(step).get("model", {}), to_dict(cfg)["model"]
+        diff = [f"model.{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v]
+        if diff:
+            raise ConfigError(f"{self.directory}/{step} holds a different model ({'; '.join(diff)}). Resume with "
+                              f"the saved model config or start a new run_dir.")
+
+    def wait(self) -> None:
+        self._mgr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mgr.wait_until_finished()
+        self._mgr.close()
+
+
+def find_checkpoint_dir(path: str | Path) -> Path:
+    """``path`` itself if it holds checkpoint steps, else ``path/checkpoints`` (a run dir)."""
+    p = Path(path).expanduser().absolute()
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if not p.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {str(p)!r} does not exist")
+    return p
+
+
+def restore_params(ckpt_dir: str | Path, step: int | None = None) -> tuple[dict[str, Any], Config]:
+    """``({'params', 'router'}, Config)`` from a run dir or its ``checkpoints/`` dir (latest step by default).
+
+    Reads only the ``variables`` and ``config`` items (no optimiser state). Arrays land on the default device.
+    """
+    directory = find_checkpoint_dir(ckpt_dir)
+    # No max_to_keep and no saves: this manager never deletes anything (read_only=True only adds log noise).
+    mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False), item_names=_ITEMS)
+    try:
+        step = mgr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {directory}")
+        if step not in mgr.all_steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; have {list(mgr.all_steps())}")
+        r = mgr.restore(step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(),
+                                                      config=ocp.args.JsonRestore()))
+    finally:
+        mgr.close()
+    try:
+        cfg = from_dict(Config, r.config)
+    except ConfigError as e:
+        raise ConfigError(f"config saved with checkpoint {directory / str(step)} does not load: {e}") from None
+    return {"params": r.variables["params"], "router": r.variables["router"]}, cfg

@@ -1,0 +1,179 @@
+"""The training loop: resume, step, log, evaluate, checkpoint, stop cleanly.
+
+Data comes in through the data module's contract only: ``make_train_iter(batch_size)`` returns an iterator of
+``{"tokens": int32 [batch_size, seq_len + 1]}`` with JSON-serialisable ``get_state()`` / ``set_state()``;
+``make_eval_iter(batch_size)`` the same for held-out data (or None: no evaluation). Both are built with the
+micro-batch size; a step draws as many micro-batches as the batch ramp asks for.
+
+Restarting with the same config resumes from the latest complete checkpoint (params, router, optimiser,
+counters, rng and the data position), and the losses that follow are bit-identical to an uninterrupted run.
+SIGTERM/SIGINT finish the current step, save and return; a non-finite loss or gradient norm raises
+:class:`Diverged` without saving the bad state.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Self
+
+import jax
+import numpy as np
+
+from dsv3_jax.config import Config, save_config
+from dsv3_jax.training import metrics as metrics_lib
+from dsv3_jax.training.checkpoint import Checkpointer
+from dsv3_jax.training.optim import micro_batch_size, num_micro_batches
+from dsv3_jax.training.step import eval_loss, init_state, train_step
+
+
+class DataIterator(Protocol):
+    def __next__(self) -> dict[str, np.ndarray]: ...
+    def get_state(self) -> dict[str, Any]: ...
+    def set_state(self, state: dict[str, Any]) -> None: ...
+
+
+class Diverged(RuntimeError):
+    """Loss or gradient norm became NaN/Inf; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class RunResult:
+    step: int
+    tokens_seen: int
+    stopped_by: str | None  # None (finished), "SIGTERM" or "SIGINT"
+    last_record: dict[str, Any] | None
+
+
+class _StopOnSignal:
+    """SIGTERM/SIGINT set a flag the loop checks after each step (a second SIGINT interrupts at once)."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _next_batch(it: Iterator, n: int, mb: int, seq_len: int) -> np.ndarray:
+    """n micro-batches stacked: int32 [n, mb, seq_len + 1]."""
+    batches = []
+    for _ in range(n):
+        tokens = np.asarray(next(it)["tokens"])
+        if tokens.shape != (mb, seq_len + 1):
+            raise ValueError(f"data iterator gave tokens of shape {tokens.shape}; expected [{mb}, {seq_len + 1}] "
+                             f"(micro-batch size, data.seq_len + 1)")
+        batches.append(tokens)
+    return np.stack(batches).astype(np.int32)
+
+
+def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
+          make_eval_iter: Callable[[int], Iterator] | None = None) -> RunResult:
+    """Train ``cfg`` to ``train.steps`` steps in ``cfg.run_dir`` (resuming if it holds a checkpoint).
+
+    Raises :class:`Diverged` on a non-finite loss/grad norm and ConfigError if the run dir's checkpoint holds a
+    different model.
+    """
+    t = cfg.train
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    mb, seq_len = micro_batch_size(t), cfg.data.seq_len
+
+    progress = metrics_lib.Progress(t.steps, every=t.log_every)
+    it = make_train_iter(mb)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoint)
+    try:
+        ckpt.check_compatible(cfg)  # before any compile: a clear ConfigError instead of an Orbax shape error
+    except Exception:
+        ckpt.close()
+        raise
+    state = init_state(cfg)
+    if ckpt.latest_step() is not None:
+        state, data_state = ckpt.restore(state)
+        if data_state is not None:
+            it.set_state(data_state)
+        progress.message(f"resumed from {ckpt.directory}/{int(state.step)} ({int(state.tokens_seen)} tokens)")
+    writer = metrics_lib.MetricsWriter(run_dir, resume_step=int(state.step))
+    fpt = metrics_lib.flops_per_token(cfg.model, seq_len)
+    peak = metrics_lib.peak_flops_per_device(t.peak_flops)
+    eval_batches: list[np.ndarray] | None = None
+
+    interval_tokens, interval_time, interval_losses = 0, 0.0, []
+    record: dict[str, Any] | None = None
+    try:
+        with _StopOnSignal() as stop:
+            while int(state.step) < t.steps and stop.signal is None:
+                t0 = time.perf_counter()
+                n = num_micro_batches(t, int(state.tokens_seen))
+                batch = _next_batch(it, n, mb, seq_len)
+                prev_step = int(state.step)
+                state, m = train_step(state, batch, cfg)
+                if not bool(m["finite"]):  # waits for the step; cheap next to a real step
+                    m = jax.device_get(m)
+                    last = ckpt.latest_step()
+                    raise Diverged(
+                        f"step {prev_step + 1}: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} is not "
+                        f"finite; stopped without saving this state. Last good checkpoint: "
+                        f"{f'{ckpt.directory}/{last}' if last is not None else 'none'}. Try a lower train.lr "
+                        f"(now {t.lr}) or more train.warmup_steps (now {t.warmup_steps}).")
+                step = int(state.step)
+                interval_tokens += int(m["tokens"])
+                interval_time += time.perf_counter() - t0
+                interval_losses.append(float(m["loss"]))
+                tokens_per_s = interval_tokens / interval_time if interval_time > 0 else math.nan
+                loss_avg = sum(interval_losses) / len(interval_losses)  # smoother than one small batch
+                progress.update(step, loss_avg, tokens_per_s)
+
+                evaluated = {}
+                if make_eval_iter is not None and t.eval_every > 0 and step % t.eval_every == 0:
+                    if eval_batches is None:  # the same held-out batches every time: comparable numbers
+                        eval_it = make_eval_iter(mb)
+                        eval_batches = [np.asarray(next(eval_it)["tokens"]) for _ in range(t.eval_batches)]
+                    el = eval_loss(state, eval_batches, cfg)
+                    evaluated = {"eval_loss": el, "eval_ppl": math.exp(min(el, 700.0))}
+                    progress.message(f"step {step}: eval_loss {el:.4f} (ppl {evaluated['eval_ppl']:.2f})")
+
+                if step % t.log_every == 0 or evaluated or step == t.steps:
+                    m = jax.device_get(m)
+                    record = {k: m[k] for k in ("loss", "ce", "mtp_loss", "balance_loss", "grad_norm", "lr",
+                                                "maxvio", "mtp_maxvio")}
+                    record.update(step=step, loss_avg=loss_avg, tokens_seen=int(state.tokens_seen),
+                                  tokens_per_s=tokens_per_s,
+                                  mfu=metrics_lib.mfu(tokens_per_s, fpt, peak, jax.device_count()),
+                                  micro_batches=n, **evaluated)
+                    writer.write(record, expert_load=m["expert_load"])
+                    interval_tokens, interval_time, interval_losses = 0, 0.0, []
+
+                if t.checkpoint_every > 0 and step % t.checkpoint_every == 0:
+                    ckpt.save(state, it.get_state(), cfg)
+            # Finished, or a signal arrived: make sure the last completed step is on disk.
+            if int(state.step) > 0:
+                ckpt.save(state, it.get_state(), cfg)
+            if stop.signal is not None:
+                progress.message(f"{stop.signal}: saved step {int(state.step)} to {ckpt.directory}; exiting")
+    finally:
+        ckpt.close()  # waits for in-flight async saves (the previous good checkpoint stays complete)
+        writer.close()
+    return RunResult(int(state.step), int(state.tokens_seen), stop.signal, record)
+
+
+__all__ = ["DataIterator", "Diverged", "RunResult", "train"]

@@ -1,0 +1,73 @@
+"""Training losses: next-token CE, MTP CE, sequence-wise balance loss (REFERENCE §5, §6).
+
+``L = L_main + (λ/D) Σ_k L_MTP^k + α (Σ_layers balance + Σ_k mtp_balance)``, everything in float32.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.model import ModelOutput
+
+
+class Losses(NamedTuple):
+    """Scalars: total (what is differentiated), ce (main next-token), mtp (Σ_k L_MTP^k / D, before λ),
+    balance (α-weighted, main + MTP layers)."""
+
+    total: jax.Array
+    ce: jax.Array
+    mtp: jax.Array
+    balance: jax.Array
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean CE over valid positions. logits [..., V] (float32), targets [...] int, mask [...] bool or None."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    nll = lse - picked
+    if mask is None:
+        return nll.mean()
+    mask = mask.astype(jnp.float32)
+    return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def mtp_targets(tokens: jax.Array, depth: int) -> tuple[jax.Array, jax.Array]:
+    """Targets and validity for MTP depth k from tokens [B, T+1] (the model saw tokens[:, :T]).
+
+    Position i of depth k predicts t_{i+k+1}. It is valid when the module's input token t_{i+k} was in the
+    model input (i + k ≤ T-1) — then the target t_{i+k+1} ≤ t_T exists too. Returns (targets [B, T] with
+    zeros past the end, mask [B, T] bool: the first T-k positions).
+    """
+    B, T1 = tokens.shape
+    T = T1 - 1
+    tgt = jnp.pad(tokens[:, depth + 1:], ((0, 0), (0, depth)))
+    mask = jnp.broadcast_to(jnp.arange(T) < T - depth, (B, T))
+    return tgt, mask
+
+
+def compute_losses(out: ModelOutput, tokens: jax.Array, mtp_lambda: jax.Array | float,
+                   balance_alpha: float) -> Losses:
+    """Losses of one (micro-)batch. tokens [B, T+1]; ``out`` is the model applied to tokens[:, :T].
+
+    Balance: TR §2.1.2 gives each MoE layer its own sequence-wise loss ``α Σ_i f_i P_i``; the total loss adds
+    them, so we SUM over layers (and over the MTP modules' MoE layers) rather than average: every layer's gate
+    then gets gradient α·∂(its own term), independent of depth — which is what "α per layer" means. A mean would
+    silently scale α by 1/L_moe (58× smaller for V3).
+    """
+    ce = cross_entropy(out.logits, tokens[:, 1:])
+    if out.mtp_logits is not None and out.mtp_logits.shape[0] > 0:
+        D = out.mtp_logits.shape[0]
+        per_depth = []
+        for k in range(1, D + 1):
+            tgt, mask = mtp_targets(tokens, k)
+            per_depth.append(cross_entropy(out.mtp_logits[k - 1], tgt, mask))
+        mtp = jnp.stack(per_depth).mean()  # (1/D) Σ_k L_MTP^k
+    else:
+        mtp = jnp.zeros((), jnp.float32)
+    balance = balance_alpha * (out.balance.sum() + out.mtp_balance.sum())
+    total = ce + mtp_lambda * mtp + balance
+    return Losses(total, ce, mtp, balance)

@@ -1,0 +1,182 @@
+"""The train state and the one jit-compiled train step (REFERENCE §5 balance, §6 MTP, §9 recipe).
+
+One step = ``n`` micro-batches ``tokens [n, mb, T+1]`` scanned with gradient accumulation, one AdamW update of
+the FP32 master params, and the aux-loss-free bias update of the ``router`` variables from the expert loads
+summed over the whole global batch (all micro-batches; the model already sums over its batch axis, so once
+the batch is sharded over data-parallel replicas XLA adds the cross-replica sum inside this same jit).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3_jax.config import Config, ModelConfig, TrainConfig
+from dsv3_jax.model import Transformer, init_variables
+from dsv3_jax.training import optim
+from dsv3_jax.training.loss import Losses, compute_losses, cross_entropy
+
+
+class TrainState(NamedTuple):
+    """Everything a run needs to continue bit-exactly (a plain pytree; see checkpoint.py for the on-disk form).
+
+    params       FP32 master parameters (the model casts to ``model.dtype`` for compute)
+    router       ``e_score_correction_bias`` leaves: [L_moe, E] (stacked layers) and [E] per MTP module;
+                 updated by the sign rule, never by gradient
+    opt_state    optax state of :func:`optim.make_optimizer`: (clip, AdamState(count, mu, nu), decay)
+    step         int64 [] numpy, host: steps done
+    tokens_seen  int64 [] numpy, host: training tokens consumed (drives LR, λ, γ and the batch ramp)
+    rng          uint32 [2] key data, split every step (reserved for stochastic layers; none today)
+
+    ``step`` and ``tokens_seen`` stay on the host as exact 64-bit counters and never enter the jit: schedules
+    are evaluated in Python and passed in as :class:`Hyper` scalars.
+    """
+
+    params: Any
+    router: Any
+    opt_state: Any
+    step: np.ndarray
+    tokens_seen: np.ndarray
+    rng: jax.Array
+
+
+class Hyper(NamedTuple):
+    """Per-step schedule values (float32 scalars, traced — changing them never recompiles)."""
+
+    lr: Any
+    mtp_lambda: Any
+    gamma: Any
+
+
+def schedule(t: TrainConfig, step: int, tokens: int) -> Hyper:
+    return Hyper(np.float32(optim.learning_rate(t, step, tokens)), np.float32(optim.mtp_lambda(t, tokens)),
+                 np.float32(optim.bias_update_speed(t, tokens)))
+
+
+def init_state(cfg: Config, seed: int | None = None) -> TrainState:
+    """Fresh state: model init from ``train.seed``; params promoted to float32 (master weights)."""
+    seed = cfg.train.seed if seed is None else seed
+    # Init draws from an RBG key: its compiled init is ~2x faster to build than threefry's (one counter-based
+    # bit generator instead of unrolled threefry rounds per parameter) and it is the usual choice for big
+    # sharded inits. Jitted, because eager init of the scanned stacks runs op by op (and jit is where the
+    # parameter shardings will go).
+    init_key = jax.random.key(seed, impl="rbg")
+    train_key = jax.random.fold_in(jax.random.key(seed), 1)
+    variables = jax.jit(init_variables, static_argnums=0)(cfg.model, init_key)
+    params = jax.tree.map(lambda p: p.astype(jnp.float32), variables["params"])
+    router = variables.get("router", {})
+    opt_state = optim.make_optimizer(optim.OptimSettings.from_train(cfg.train)).init(params)
+    # Committed to the device like restored arrays are: the jit cache keys on committedness, so a fresh and
+    # a restored state share one compiled step.
+    params, router, opt_state, rng = jax.device_put((params, router, opt_state, jax.random.key_data(train_key)),
+                                                    jax.devices()[0])
+    return TrainState(params, router, opt_state, np.int64(0), np.int64(0), rng)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Aux-loss-free balancing (REFERENCE §5)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def update_router(router: Any, load: jax.Array, mtp_load: jax.Array, gamma: jax.Array | float) -> Any:
+    """``b_i += γ·sign(c̄ - c_i)`` per layer. load [L_moe, E] (main layers, stacked like the router leaf),
+    mtp_load [D, E] (module k ↔ router subtree ``mtp_{k-1}``). Loads are token counts over the global batch."""
+
+    def one(path, b):
+        top = str(getattr(path[0], "key", path[0]))
+        c = mtp_load[int(top.removeprefix("mtp_"))] if top.startswith("mtp_") else load
+        if c.shape != b.shape:
+            raise ValueError(f"router leaf {jax.tree_util.keystr(path)} has shape {b.shape} but its expert load "
+                             f"has shape {c.shape}")
+        return b + gamma * jnp.sign(c.mean(-1, keepdims=True) - c)
+
+    return jax.tree_util.tree_map_with_path(one, router)
+
+
+def max_violation(load: jax.Array) -> jax.Array:
+    """TR's MaxVio per layer: ``max_i c_i / c̄ - 1``. load [..., E] → [...]."""
+    return load.max(-1) / jnp.maximum(load.mean(-1), 1e-9) - 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The step
+# ----------------------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "opt", "balance_alpha"),
+                   donate_argnames=("params", "router", "opt_state", "rng"))
+def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_cfg: ModelConfig,
+                opt: optim.OptimSettings, balance_alpha: float):
+    """tokens [n, mb, T+1] int32 → (params, router, opt_state, rng, metrics). Compiled once per (configs, n)."""
+    model = Transformer(model_cfg)
+    E, D = model_cfg.n_routed_experts, model_cfg.num_nextn_predict_layers
+
+    def loss_fn(p, tok):
+        out = model.apply({"params": p, "router": router}, tok[:, :-1])
+        losses = compute_losses(out, tok, hyper.mtp_lambda, balance_alpha)
+        return losses.total, (losses, out.expert_load, out.mtp_expert_load)
+
+    def micro(carry, tok):
+        g_acc, l_acc, load_acc, mtp_acc = carry
+        (_, (losses, load, mtp_load)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, tok)
+        g_acc = jax.tree.map(jnp.add, g_acc, g)
+        l_acc = jax.tree.map(jnp.add, l_acc, losses)
+        return (g_acc, l_acc, load_acc + load, mtp_acc + mtp_load.reshape(D, E)), None
+
+    n = tokens.shape[0]
+    zero = jnp.zeros((), jnp.float32)
+    init = (jax.tree.map(jnp.zeros_like, params), Losses(zero, zero, zero, zero),
+            jnp.zeros((model_cfg.num_moe_layers, E), jnp.float32), jnp.zeros((D, E), jnp.float32))
+    (g_sum, l_sum, load, mtp_load), _ = jax.lax.scan(micro, init, tokens)
+    # Micro-batches have equal token counts, so the mean of per-micro means is the global-batch mean.
+    grads = jax.tree.map(lambda g: g / n, g_sum)
+    losses = jax.tree.map(lambda v: v / n, l_sum)
+
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    direction, opt_state = optim.make_optimizer(opt).update(grads, opt_state, params)
+    params = jax.tree.map(lambda p, u: p - hyper.lr * u, params, direction)
+    router = update_router(router, load, mtp_load, hyper.gamma)
+    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(rng))[0])
+
+    metrics = {
+        "loss": losses.total, "ce": losses.ce, "mtp_loss": losses.mtp, "balance_loss": losses.balance,
+        "grad_norm": grad_norm, "maxvio": max_violation(load), "mtp_maxvio": max_violation(mtp_load),
+        "expert_load": load / jnp.maximum(load.mean(-1, keepdims=True), 1e-9),  # [L_moe, E] relative to mean
+        "finite": jnp.isfinite(losses.total) & jnp.isfinite(grad_norm),
+    }
+    return params, router, opt_state, rng, metrics
+
+
+def train_step(state: TrainState, tokens: np.ndarray, cfg: Config) -> tuple[TrainState, dict[str, Any]]:
+    """One optimiser step on ``tokens [n, mb, T+1]`` (n micro-batches). Donates ``state``'s device buffers.
+
+    Returns the new state and metrics as device arrays (fetch them only when needed: it waits for the step).
+    """
+    step, seen = int(state.step), int(state.tokens_seen)
+    hyper = schedule(cfg.train, step, seen)
+    n, mb, t1 = tokens.shape
+    params, router, opt_state, rng, metrics = _train_core(
+        state.params, state.router, state.opt_state, state.rng, jnp.asarray(tokens, jnp.int32), hyper,
+        model_cfg=cfg.model, opt=optim.OptimSettings.from_train(cfg.train), balance_alpha=cfg.train.balance_alpha)
+    step_tokens = n * mb * (t1 - 1)
+    metrics = dict(metrics, lr=hyper.lr, mtp_lambda=hyper.mtp_lambda, tokens=step_tokens)
+    return TrainState(params, router, opt_state, np.int64(step + 1), np.int64(seen + step_tokens), rng), metrics
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg",))
+def _eval_core(params, router, tokens, *, model_cfg: ModelConfig):
+    out = Transformer(model_cfg).apply({"params": params, "router": router}, tokens[:, :-1], mtp=False)
+    return cross_entropy(out.logits, tokens[:, 1:])
+
+
+def eval_loss(state: TrainState, batches: Any, cfg: Config) -> float:
+    """Mean next-token CE of the main head over ``batches`` (an iterable of tokens [B, T+1])."""
+    losses = [_eval_core(state.params, state.router, jnp.asarray(b, jnp.int32), model_cfg=cfg.model)
+              for b in batches]
+    if not losses:
+        raise ValueError("eval_loss: no evaluation batches")
+    return float(np.mean(jax.device_get(losses)))

@@ -1,0 +1,403 @@
+"""Training system: schedules, losses, bias update, the train step, checkpoints/resume, signals, CLI errors.
+
+One tiny model config for every test that runs the step, so the jitted step compiles once per process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax.config import Config, ConfigError, ModelConfig, TrainConfig, load_config, save_config
+from dsv3_jax.model import ModelOutput, Transformer
+from dsv3_jax.training import optim
+from dsv3_jax.training.checkpoint import Checkpointer, restore_params
+from dsv3_jax.training.loop import Diverged, train
+from dsv3_jax.training.loss import compute_losses, mtp_targets
+from dsv3_jax.training.metrics import flops_per_token
+from dsv3_jax.training.step import TrainState, init_state, max_violation, train_step, update_router
+from tests.synthetic_data import SyntheticIterator
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [  # the test model: every feature on, as small as it gets
+    "model.vocab_size=256", "model.hidden_size=32", "model.intermediate_size=64", "model.moe_intermediate_size=16",
+    "model.num_hidden_layers=2", "model.first_k_dense_replace=1", "model.num_attention_heads=2",
+    "model.q_lora_rank=16", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8",
+    "model.v_head_dim=8", "model.n_routed_experts=8", "model.n_group=4", "model.topk_group=2",
+    "model.num_experts_per_tok=2", "model.max_position_embeddings=64", "model.rope_scaling=null",
+    "model.initializer_range=0.02", "model.dtype=float32", "data.seq_len=16", "data.tokenizer_vocab_size=256",
+    "train.global_batch_size=4", "train.lr=1e-2", "train.warmup_steps=2", "train.log_every=1",
+    "train.eval_every=0", "train.checkpoint_every=2", "train.steps=6",
+]
+
+
+def tiny_cfg(run_dir: Path | str = "runs/test", *overrides: str) -> Config:
+    return load_config(None, [*TINY, f"run_dir={run_dir}", *overrides])
+
+
+def data_fns(cfg: Config, **kw):
+    def make(split):
+        return lambda bs: SyntheticIterator(cfg.data, cfg.data.tokenizer_vocab_size, bs, split, **kw)
+    return make("train"), make("validation")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Schedules and the batch ramp
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_lr_schedule_at_known_points():
+    t = TrainConfig(lr=1.0, lr_final=0.1, warmup_steps=10, lr_constant_tokens=1000, lr_decay_tokens=2000)
+    lr = optim.learning_rate
+    assert lr(t, 0, 0) == pytest.approx(0.1)  # first update: lr·1/warmup
+    assert lr(t, 4, 50) == pytest.approx(0.5)
+    assert lr(t, 9, 90) == pytest.approx(1.0)  # warm-up done
+    assert lr(t, 500, 999) == 1.0  # constant phase
+    assert lr(t, 500, 1000) == pytest.approx(1.0)  # cosine starts at lr
+    assert lr(t, 500, 2000) == pytest.approx(0.55)  # cosine midpoint: (lr + lr_final) / 2
+    assert lr(t, 500, 3000) == pytest.approx(0.1)  # end of decay
+    assert lr(t, 10**9, 14_800_000_000_000) == pytest.approx(0.1)  # constant lr_final, exact 64-bit tokens
+    assert lr(TrainConfig(lr=1.0, warmup_steps=5, lr_decay_tokens=0), 100, 10**12) == 1.0  # no decay
+
+
+def test_mtp_lambda_and_gamma_switch_on_tokens():
+    t = TrainConfig(mtp_lambda=0.3, mtp_lambda_late=0.1, mtp_lambda_switch_tokens=1e13, bias_update_speed=1e-3,
+                    bias_update_freeze_tokens=1.43e13)
+    assert optim.mtp_lambda(t, 10**13 - 1) == 0.3 and optim.mtp_lambda(t, 10**13) == 0.1
+    assert optim.bias_update_speed(t, 14 * 10**12) == 1e-3 and optim.bias_update_speed(t, 15 * 10**12) == 0.0
+
+
+def test_batch_ramp_micro_batch_counts():
+    t = TrainConfig(global_batch_size=16, micro_batch_size=2, batch_ramp_start=4, batch_ramp_tokens=1000,
+                    batch_ramp_levels=3)
+    counts = [optim.num_micro_batches(t, tok) for tok in (0, 332, 334, 666, 667, 999, 1000, 10**6)]
+    # start 2 micro-batches, end 8; levels at tokens [0, 333), [333, 667), [667, 1000): 2, 4, 6; then 8.
+    assert counts == [2, 2, 4, 4, 6, 6, 8, 8]
+    assert optim.num_micro_batches(TrainConfig(global_batch_size=8), 0) == 1  # no ramp, no accumulation
+    assert optim.num_micro_batches(TrainConfig(global_batch_size=8, micro_batch_size=2), 0) == 4
+    with pytest.raises(ConfigError, match="multiple of the micro-batch size"):
+        optim.micro_batch_size(TrainConfig(global_batch_size=10, micro_batch_size=4))
+
+
+def test_weight_decay_mask_skips_norms_and_1d():
+    params = {"dense_layers": {"layers": {"block": {"input_layernorm": {"scale": jnp.ones((2, 8))},
+                                                    "mlp": {"up_proj": {"kernel": jnp.ones((2, 8, 4))}}}}},
+              "moe": {"layers": {"gate": jnp.ones((3, 8, 4)), "bias_like": jnp.ones((3, 4))}},
+              "norm": {"scale": jnp.ones(8)}, "embed": {"embedding": jnp.ones((16, 8))}, "vec": jnp.ones(8)}
+    mask = optim.decay_mask(params)
+    assert mask["dense_layers"]["layers"]["block"]["input_layernorm"]["scale"] is False
+    assert mask["dense_layers"]["layers"]["block"]["mlp"]["up_proj"]["kernel"] is True
+    assert mask["moe"]["layers"]["gate"] is True and mask["moe"]["layers"]["bias_like"] is False
+    assert mask["norm"]["scale"] is False and mask["vec"] is False and mask["embed"]["embedding"] is True
+
+
+def test_bf16_moments_and_adamw_update():
+    s = optim.OptimSettings(0.9, 0.95, 1e-8, 0.1, 1.0, "bfloat16")
+    tx = optim.make_optimizer(s)
+    params = {"w": jnp.full((2, 2), 2.0), "scale": jnp.ones(2)}
+    state = tx.init(params)
+    assert state[1].mu["w"].dtype == jnp.bfloat16 and state[1].nu["w"].dtype == jnp.bfloat16
+    grads = {"w": jnp.full((2, 2), 0.1), "scale": jnp.full(2, 0.1)}
+    direction, state = tx.update(grads, state, params)
+    # First Adam step: m̂/√v̂ = sign(g) = 1; decay 0.1·p on w only (the norm scale is excluded).
+    np.testing.assert_allclose(direction["w"], 1.0 + 0.1 * 2.0, rtol=1e-6)
+    np.testing.assert_allclose(direction["scale"], 1.0, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Losses, bias update, MaxVio, FLOPs
+# ------------------------------------------------------------------------------------------------------------
+
+
+def np_ce(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    m = logits.max(-1, keepdims=True)
+    lse = np.log(np.exp(logits - m).sum(-1)) + m[..., 0]
+    return lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+
+
+def fake_output(B=2, T=6, V=11, D=2, L=3, E=4, seed=0) -> ModelOutput:
+    r = np.random.default_rng(seed)
+    return ModelOutput(logits=jnp.asarray(r.normal(size=(B, T, V)), jnp.float32),
+                       mtp_logits=jnp.asarray(r.normal(size=(D, B, T, V)), jnp.float32),
+                       expert_load=jnp.zeros((L, E)), balance=jnp.asarray([1.0, 2.0, 3.0][:L], jnp.float32),
+                       mtp_expert_load=jnp.zeros((D, E)), mtp_balance=jnp.full((D,), 0.5, jnp.float32),
+                       cache=None, hidden=jnp.zeros((B, T, 1)))
+
+
+def test_mtp_loss_matches_numpy():
+    B, T, V, D = 2, 6, 11, 2
+    out = fake_output(B, T, V, D)
+    tokens = np.random.default_rng(1).integers(0, V, (B, T + 1))
+    lam = 0.3
+    losses = compute_losses(out, jnp.asarray(tokens), lam, balance_alpha=0.0)
+    logits, mtp_logits = np.asarray(out.logits), np.asarray(out.mtp_logits)
+    ce = np_ce(logits, tokens[:, 1:]).mean()
+    # Depth k, position i predicts t_{i+k+1}; valid for i < T - k (the MTP input t_{i+k} was in the input).
+    per_depth = [np.mean([np_ce(mtp_logits[k - 1, b, i], np.array(tokens[b, i + k + 1]))
+                          for b in range(B) for i in range(T - k)]) for k in range(1, D + 1)]
+    np.testing.assert_allclose(losses.ce, ce, rtol=1e-5)
+    np.testing.assert_allclose(losses.mtp, np.mean(per_depth), rtol=1e-5)
+    np.testing.assert_allclose(losses.total, ce + lam / D * sum(per_depth), rtol=1e-5)
+    tgt, mask = mtp_targets(jnp.asarray(tokens), 2)
+    assert mask.sum() == B * (T - 2) and int(tgt[0, 0]) == tokens[0, 3]
+
+
+def test_balance_loss_sums_layers_times_alpha():
+    out = fake_output(L=3, D=2)  # balance [1, 2, 3], mtp_balance [0.5, 0.5]
+    tokens = jnp.zeros((2, 7), jnp.int32)
+    l0 = compute_losses(out, tokens, 0.3, balance_alpha=0.0)
+    l1 = compute_losses(out, tokens, 0.3, balance_alpha=1e-4)
+    l2 = compute_losses(out, tokens, 0.3, balance_alpha=2e-4)
+    np.testing.assert_allclose(l1.balance, 1e-4 * (1 + 2 + 3 + 0.5 + 0.5), rtol=1e-6)
+    np.testing.assert_allclose(l2.balance, 2 * l1.balance, rtol=1e-6)
+    np.testing.assert_allclose(l1.total - l0.total, l1.balance, rtol=1e-4)
+
+
+def test_bias_update_sign_rule_and_maxvio():
+    router = {"moe_layers": {"layers": {"block": {"mlp": {"e_score_correction_bias": jnp.zeros((2, 4))}}}},
+              "mtp_0": {"block": {"mlp": {"e_score_correction_bias": jnp.full((4,), 0.5)}}}}
+    load = jnp.asarray([[10.0, 2.0, 4.0, 0.0],  # mean 4: over, under, equal, under
+                        [4.0, 4.0, 4.0, 4.0]])  # balanced: no change
+    mtp_load = jnp.asarray([[0.0, 8.0, 0.0, 0.0]])  # mean 2
+    new = update_router(router, load, mtp_load, 0.001)
+    np.testing.assert_allclose(new["moe_layers"]["layers"]["block"]["mlp"]["e_score_correction_bias"],
+                               [[-0.001, 0.001, 0.0, 0.001], [0.0, 0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(new["mtp_0"]["block"]["mlp"]["e_score_correction_bias"],
+                               [0.501, 0.499, 0.501, 0.501])
+    frozen = update_router(router, load, mtp_load, 0.0)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), frozen, router))
+    np.testing.assert_allclose(max_violation(load), [10 / 4 - 1, 0.0])
+
+
+def test_flops_per_token_formula():
+    m = ModelConfig(vocab_size=100, hidden_size=8, intermediate_size=16, moe_intermediate_size=4,
+                    num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=None,
+                    kv_lora_rank=4, qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=4, n_routed_experts=4,
+                    n_group=1, topk_group=1, num_experts_per_tok=2, num_nextn_predict_layers=1)
+    pc = m.param_counts()
+    n = pc["active"] - 100 * 8 + 100 * 8 + pc["mtp_active"]  # minus embedding, plus one more head (MTP)
+    attn = 3 * 3 * 2 * 32 * (6 + 4)  # 3 · (2 layers + 1 MTP) · heads · T · (d_qk + d_v)
+    assert flops_per_token(m, 32) == 6 * n + attn
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The train step and the loop
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_loss_falls_on_a_repeating_batch():
+    cfg = tiny_cfg()
+    state = init_state(cfg)
+    tokens = np.random.default_rng(0).integers(0, 256, (1, 4, 17)).astype(np.int32)
+    losses, grad_norms = [], []
+    for _ in range(30):
+        state, m = train_step(state, tokens, cfg)
+        losses.append(float(m["loss"]))
+        grad_norms.append(float(m["grad_norm"]))
+    assert losses[-1] < 0.25 * losses[0], losses
+    assert all(map(math.isfinite, losses + grad_norms))
+    assert int(state.step) == 30 and int(state.tokens_seen) == 30 * 4 * 16
+    # The router biases moved by whole multiples of γ = 0.001 (no gradient ever reaches them).
+    bias = np.asarray(state.router["moe_layers"]["layers"]["block"]["mlp"]["e_score_correction_bias"])
+    assert np.abs(bias).max() > 0 and np.allclose(bias / 1e-3, np.round(bias / 1e-3), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_matches_one_big_batch():
+    """The batch ramp's mechanism: n micro-batches of m sequences = one batch of n·m (same update)."""
+    cfg = tiny_cfg()
+    tokens = np.random.default_rng(0).integers(0, 256, (1, 4, 17)).astype(np.int32)
+    big, m_big = train_step(init_state(cfg), tokens, cfg)
+    acc, m_acc = train_step(init_state(cfg), tokens.reshape(2, 2, 17), cfg)
+    for k in ("loss", "ce", "mtp_loss", "grad_norm"):
+        np.testing.assert_allclose(m_acc[k], m_big[k], rtol=2e-5, err_msg=k)
+    np.testing.assert_array_equal(m_acc["expert_load"], m_big["expert_load"])  # loads summed over micro-batches
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), acc.params, big.params)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), acc.router, big.router))
+
+
+def test_resume_is_bit_identical(tmp_path):
+    straight = tiny_cfg(tmp_path / "straight")
+    res = train(straight, *data_fns(straight))
+    assert res.step == 6 and res.stopped_by is None
+
+    split_dir = tmp_path / "split"
+    first = tiny_cfg(split_dir, "train.steps=4", "train.checkpoint_every=3")
+    assert train(first, *data_fns(first)).step == 4  # checkpoints at 3 and (final) 4
+    # Steps 5..6 of an interrupted run were logged but never checkpointed: resuming must drop and redo them.
+    with open(split_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n")
+    second = tiny_cfg(split_dir, "train.checkpoint_every=3")
+    res2 = train(second, *data_fns(second))
+    assert res2.step == 6
+
+    a, b = read_jsonl(tmp_path / "straight" / "metrics.jsonl"), read_jsonl(split_dir / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "ce", "mtp_loss", "balance_loss", "grad_norm", "lr", "maxvio"):
+        assert [r[key] for r in a] == [r[key] for r in b], key  # bit-identical (JSON floats round-trip)
+    va, _ = restore_params(tmp_path / "straight")
+    vb, cfg_b = restore_params(split_dir)
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool((np.asarray(x) == np.asarray(y)).all()), va, vb))
+    assert cfg_b == second
+
+    # Run dir contents: resolved config, metrics with the documented keys, TensorBoard events, keep-last-N.
+    assert load_config(split_dir / "config.yaml") == second
+    assert {"step", "loss", "ce", "mtp_loss", "balance_loss", "grad_norm", "lr", "tokens_per_s", "mfu",
+            "maxvio"} <= set(b[-1]) and b[-1]["mfu"] is None  # CPU: no MFU
+    assert len(b[-1]["maxvio"]) == 1 and len(read_jsonl(split_dir / "expert_load.jsonl")[-1]["load"][0]) == 8
+    assert list((split_dir / "events").iterdir())
+    assert Checkpointer(split_dir / "checkpoints").all_steps() == [3, 4, 6]
+
+    # restore_params serves the model directly.
+    logits = jax.jit(lambda v, t: Transformer(cfg_b.model).apply(v, t, mtp=False).logits)(
+        vb, jnp.zeros((1, 8), jnp.int32))
+    assert logits.shape == (1, 8, 256) and bool(jnp.isfinite(logits).all())
+
+    from dsv3_jax import plot
+    written = plot.main([str(split_dir)])
+    assert {p.name for p in written} >= {"loss.png", "lr.png", "throughput.png", "expert_load.png"}
+
+
+def test_partial_checkpoint_is_ignored(tmp_path):
+    cfg = tiny_cfg(tmp_path, "train.steps=2")
+    train(cfg, *data_fns(cfg))
+    ckdir = tmp_path / "checkpoints"
+    # What a crash mid-save leaves behind: an unfinalised tmp dir of a later step, with partial contents.
+    partial = ckdir / "4.orbax-checkpoint-tmp-1234567890"
+    shutil.copytree(ckdir / "2", partial)
+    (partial / "commit_success.txt").unlink(missing_ok=True)
+    (partial / "variables" / "garbage").write_bytes(b"\0" * 100)
+    ck = Checkpointer(ckdir)
+    assert ck.latest_step() == 2 and ck.all_steps() == [2]
+    state, data_state = ck.restore(init_state(cfg))
+    assert int(state.step) == 2 and data_state == {"index": 2}
+    ck.close()
+    assert not partial.exists()  # cleaned up on start
+    # And the loop resumes from the good step.
+    more = tiny_cfg(tmp_path, "train.steps=3")
+    assert train(more, *data_fns(more)).step == 3
+    # A different model in the same run dir is refused up front, naming the differing keys.
+    other = tiny_cfg(tmp_path, "model.hidden_size=48")
+    with pytest.raises(ConfigError, match="model.hidden_size: saved 32, now 48"):
+        train(other, *data_fns(other))
+
+
+KILL_DURING_SAVE = r"""
+import os, signal, sys, time
+import jax.numpy as jnp, numpy as np
+from dsv3_jax.config import Config
+from dsv3_jax.training.checkpoint import Checkpointer
+from dsv3_jax.training.step import TrainState
+d = sys.argv[1]
+def state(step, size):
+    big = {"w": jnp.full((size, 1024), float(step))}
+    return TrainState(big, {}, {"m": jnp.zeros(4)}, np.int64(step), np.int64(step * 10), jnp.zeros(2, jnp.uint32))
+ck = Checkpointer(d, async_save=True)
+ck.save(state(1, 4), {"index": 1}, Config()); ck.wait()
+ck.save(state(2, 50_000), {"index": 2}, Config())  # 200 MB: still writing when we die
+for _ in range(2000):
+    if any(".orbax-checkpoint-tmp" in p for p in os.listdir(d)):
+        break
+    time.sleep(0.005)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_kill_9_during_save_keeps_previous_checkpoint(tmp_path):
+    d = tmp_path / "ck"
+    r = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(d)], env=subprocess_env(), check=False,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert any(".orbax-checkpoint-tmp" in p.name for p in d.iterdir()), list(d.iterdir())  # died mid-save
+    ck = Checkpointer(d)
+    assert ck.latest_step() == 1
+    template = TrainState({"w": jnp.zeros((4, 1024))}, {}, {"m": jnp.zeros(4)}, np.int64(0), np.int64(0),
+                          jnp.zeros(2, jnp.uint32))
+    state, data_state = ck.restore(template)
+    assert data_state == {"index": 1} and float(state.params["w"][0, 0]) == 1.0
+    ck.close()
+
+
+def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = tiny_cfg(tmp_path, "train.steps=10")
+
+    def make_train(bs):
+        return SyntheticIterator(cfg.data, 256, bs, bad_batch=2)  # the 3rd step sees an out-of-vocab token
+
+    with pytest.raises(Diverged, match=r"step 3: loss=nan .* Last good checkpoint: .*checkpoints/2"):
+        train(cfg, make_train)
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2]  # the bad step 3 was not saved
+
+
+# ------------------------------------------------------------------------------------------------------------
+# train.py: config errors and signals (subprocesses)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def run_train_py(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=subprocess_env(), check=False,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_py_config_errors_exit_2_without_traceback(tmp_path, capsys):
+    save_config(tiny_cfg(tmp_path), tmp_path / "cfg.yaml")
+    r = run_train_py("--config", str(tmp_path / "cfg.yaml"), "train.stepz=5")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "train.stepz" in r.stderr and "'steps'" in r.stderr  # names the closest key
+
+    import train as train_py  # the same entry point in-process (no JAX start-up per case)
+
+    for args, expected in ((["train.steps=abc"], "train.steps='abc': expected int"),
+                           (["--config", str(tmp_path / "missing.yaml")], "does not exist"),
+                           (["model.hiden_size=64"], "Did you mean 'hidden_size'"),
+                           (["train.global_batch_size=6", "train.micro_batch_size=4"],
+                            "multiple of the micro-batch size")):
+        assert train_py.main(args) == 2
+        assert expected in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_0(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run", "train.steps=100000", "train.checkpoint_every=100000")
+    save_config(cfg, tmp_path / "cfg.yaml")
+    log = (tmp_path / "stderr.txt").open("w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(tmp_path / "cfg.yaml"),
+                             "--data-module", "tests.synthetic_data"], env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=log)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    log.close()
+    err = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 0, err
+    assert "SIGTERM: saved step" in err
+    steps = Checkpointer(tmp_path / "run" / "checkpoints").all_steps()
+    last_logged = read_jsonl(metrics)[-1]["step"]
+    assert len(steps) == 1 and steps[0] == last_logged >= 3  # the step finished, was logged and saved

@@ -1,0 +1,82 @@
+"""Train DeepSeek-V3: ``python train.py --config configs/tiny.yaml [key=value ...]``.
+
+Writes ``run_dir/config.yaml`` (resolved), ``metrics.jsonl``, ``expert_load.jsonl``, ``events/`` (TensorBoard)
+and ``checkpoints/``. Running the same command again resumes from the latest complete checkpoint.
+SIGTERM/SIGINT: finish the step, save, exit 0. Exit 2: bad config or data setup; exit 3: training diverged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog="Overrides are dotted keys, e.g. train.steps=50 model.dtype=bfloat16.")
+    p.add_argument("--config", help="YAML config (configs/*.yaml); omitted = the built-in defaults")
+    p.add_argument("--data-module", default="dsv3_jax.data",
+                   help="module providing the data contract: load_or_train_tokenizer(cfg.data) and "
+                        "make_iterator(cfg.data, tokenizer, batch_size, split, shard_index, shard_count)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p.parse_args(argv)
+
+
+def _error(msg: str, code: int) -> int:
+    print(f"train.py: error: {msg}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    from dsv3_jax.config import ConfigError, load_config  # light: no JAX yet, so config errors come back fast
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from dsv3_jax.training.optim import micro_batch_size
+
+        micro_batch_size(cfg.train)  # batch sizes checked before any data or model work
+    except ConfigError as e:
+        return _error(str(e), 2)
+
+    try:
+        data = importlib.import_module(args.data_module)
+    except ModuleNotFoundError as e:
+        return _error(f"data module {args.data_module!r} is not available ({e}); pass --data-module", 2)
+    # The contract names the loader load_or_train_tokenizer; accept load_tokenizer, its name on the data branch.
+    load_tok = getattr(data, "load_or_train_tokenizer", None) or getattr(data, "load_tokenizer", None)
+    if load_tok is None or not hasattr(data, "make_iterator"):
+        return _error(f"data module {args.data_module!r} lacks load_or_train_tokenizer / make_iterator", 2)
+
+    import jax
+
+    from dsv3_jax.training.loop import Diverged, train
+
+    try:
+        tokenizer = load_tok(cfg.data)
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
+                              f"{cfg.model.vocab_size}; raise model.vocab_size or lower data.tokenizer_vocab_size")
+    except ValueError as e:  # ConfigError and the data module's errors (DataError is a ValueError)
+        return _error(str(e), 2)
+    shard = {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
+
+    def make_train_iter(batch_size: int):
+        return data.make_iterator(cfg.data, tokenizer, batch_size, split="train", **shard)
+
+    def make_eval_iter(batch_size: int):
+        return data.make_iterator(cfg.data, tokenizer, batch_size, split="validation", **shard)
+
+    try:
+        result = train(cfg, make_train_iter, make_eval_iter if cfg.train.eval_every > 0 else None)
+    except Diverged as e:
+        return _error(str(e), 3)
+    except ConfigError as e:  # e.g. run_dir holds checkpoints of a different model
+        return _error(str(e), 2)
+    print(f"done: step {result.step}, {result.tokens_seen} tokens, run dir {cfg.run_dir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
