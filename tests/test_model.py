@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax import moe, rope
+from dsv3_jax.attention import LatentCache
 from dsv3_jax.config import ModelConfig, RopeScaling
 from dsv3_jax.hf import load_hf
 from dsv3_jax.model import Transformer, head_logits, init_cache, init_mtp_cache, init_variables, mtp_step
@@ -109,7 +110,8 @@ def test_mtp_over_its_cache_equals_training_path():
             new.append(c)
         return logits, new
 
-    caches = [jax.tree.map(lambda a: a[k], init_mtp_cache(cfg, B, 16, "float32")) for k in range(2)]
+    mtp_cache = init_mtp_cache(cfg, B, 16, "float32")
+    caches = [LatentCache(mtp_cache.c_kv[k], mtp_cache.k_rope[k]) for k in range(2)]
     pos = jnp.broadcast_to(jnp.arange(P), (B, P))
     logits, caches = window(variables, full.hidden[:, :P], pos, caches, False)
     for k in (1, 2):
