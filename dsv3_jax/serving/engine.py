@@ -166,8 +166,22 @@ class Engine:
     def submit(self, prompt: Sequence[int], params: SamplingParams,
                on_event: Callable[[Event], None] | None = None, request_id: str | None = None) -> str:
         """Queue a request (thread-safe); returns its id. Raises :class:`RequestError` when it cannot run."""
-        params.check()
         prompt = [int(t) for t in prompt]
+        self.check(prompt, params)
+        rid = request_id or f"req-{next(self._ids)}"
+        req = _Request(rid, prompt, params, on_event, _seed32(params.seed))
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise EngineBusy(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue}); retry later",
+                                 None, "queue_full")
+            self._waiting.append(req)
+            self.requests_total += 1
+            self._lock.notify()
+        return rid
+
+    def check(self, prompt: Sequence[int], params: SamplingParams) -> None:
+        """Raise :class:`RequestError` if this request cannot run (parameters, prompt ids, context length)."""
+        params.check()
         if not prompt:
             raise RequestError("the prompt is empty: give at least one token", "prompt", "invalid_value")
         if any(not 0 <= t < self.cfg.vocab_size for t in prompt):
@@ -180,16 +194,6 @@ class Engine:
             raise RequestError(f"max_tokens={params.max_tokens} + {len(prompt)} prompt tokens exceeds the context "
                                f"of {self.max_len} tokens: ask for at most {self.max_len - len(prompt)}",
                                "max_tokens", "context_length_exceeded")
-        rid = request_id or f"req-{next(self._ids)}"
-        req = _Request(rid, prompt, params, on_event, _seed32(params.seed))
-        with self._lock:
-            if len(self._waiting) >= self.max_queue:
-                raise EngineBusy(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue}); retry later",
-                                 None, "queue_full")
-            self._waiting.append(req)
-            self.requests_total += 1
-            self._lock.notify()
-        return rid
 
     def cancel(self, request_id: str) -> None:
         """Stop a request (thread-safe): it leaves the queue or frees its row before the next step."""
