@@ -78,15 +78,22 @@ def token_probs(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top
     V = logits.shape[-1]
     greedy = temperature <= 0
     x = logits / jnp.where(greedy, 1.0, temperature)[:, None]
-    s = -jnp.sort(-x, axis=-1)  # descending [B, V]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    kth = jnp.take_along_axis(s, (k - 1)[:, None], axis=-1)  # [B, 1]
-    s = jnp.where(s >= kth, s, -jnp.inf)
-    ps = jax.nn.softmax(s, axis=-1)
-    before = jnp.cumsum(ps, axis=-1) - ps  # mass strictly above each sorted entry
-    n_keep = jnp.maximum(jnp.sum(before < top_p[:, None], axis=-1), 1)
-    thr = jnp.take_along_axis(s, (n_keep - 1)[:, None], axis=-1)
-    probs = jax.nn.softmax(jnp.where(x >= jnp.maximum(thr, kth), x, -jnp.inf), axis=-1)
+
+    def truncate(x: jax.Array) -> jax.Array:
+        s = -jnp.sort(-x, axis=-1)  # descending [B, V]
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+        kth = jnp.take_along_axis(s, (k - 1)[:, None], axis=-1)  # [B, 1]
+        s = jnp.where(s >= kth, s, -jnp.inf)
+        ps = jax.nn.softmax(s, axis=-1)
+        before = jnp.cumsum(ps, axis=-1) - ps  # mass strictly above each sorted entry
+        n_keep = jnp.maximum(jnp.sum(before < top_p[:, None], axis=-1), 1)
+        thr = jnp.take_along_axis(s, (n_keep - 1)[:, None], axis=-1)
+        return jnp.where(x >= jnp.maximum(thr, kth), x, -jnp.inf)
+
+    # The sort is the costliest part of a small step: skip it when no sampled row truncates.
+    truncating = ~greedy & (((top_k > 0) & (top_k < V)) | (top_p < 1.0))
+    x = jax.lax.cond(jnp.any(truncating), truncate, lambda x: x, x)
+    probs = jax.nn.softmax(x, axis=-1)
     onehot = jax.nn.one_hot(jnp.argmax(logits, axis=-1), V, dtype=probs.dtype)
     return jnp.where(greedy[:, None], onehot, probs)
 
@@ -102,9 +109,15 @@ def row_keys(seeds: jax.Array, counters: jax.Array, stream: int) -> jax.Array:
 
 def sample(probs: jax.Array, keys: jax.Array) -> jax.Array:
     """Draw one token per row: probs [B, V], keys [B] → [B] int32 (one-hot rows give their argmax)."""
-    logp = jnp.log(jnp.maximum(probs, 0.0))
-    drawn = jax.vmap(jax.random.categorical)(keys, logp)
-    return jnp.where(probs.max(-1) >= 1.0, jnp.argmax(probs, -1), drawn).astype(jnp.int32)
+    one_hot = probs.max(-1) >= 1.0
+    top = jnp.argmax(probs, -1).astype(jnp.int32)
+
+    def draw(probs: jax.Array) -> jax.Array:
+        drawn = jax.vmap(jax.random.categorical)(keys, jnp.log(jnp.maximum(probs, 0.0)))
+        return jnp.where(one_hot, top, drawn).astype(jnp.int32)
+
+    # All-greedy batches skip drawing V Gumbel variates per row.
+    return jax.lax.cond(jnp.all(one_hot), lambda p: top, draw, probs)
 
 
 # ----------------------------------------------------------------------------------------------------------
