@@ -11,6 +11,7 @@ See ``dsv3_jax/serving/`` for the engine and the API.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -25,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tokenizer", help="tokenizer.json (default: found beside/above the weights, else the "
                                         "config's default BPE)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="cast the params on load")
+    ap.add_argument("--compute-dtype", choices=["float32", "bfloat16"],
+                    help="matmul dtype (default: the config's; float32 on CPU, whose XLA lacks bf16 dots)")
     ap.add_argument("--prompt", help="generate one completion, print it and exit (no server)")
     ap.add_argument("--max-tokens", type=int, default=64, help="offline: tokens to generate")
     ap.add_argument("--temperature", type=float, default=0.0, help="offline: 0 = greedy")
@@ -47,10 +50,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("jax").setLevel(logging.WARNING)
-    from dsv3_jax.serving import Engine, SamplingParams
+    import jax
+
+    from dsv3_jax.serving import Engine, RequestError, SamplingParams
     from dsv3_jax.serving.loading import load_model, load_serving_tokenizer
 
     loaded = load_model(args.checkpoint, args.hf_dir, args.dtype)
+    compute = args.compute_dtype
+    if compute is None and jax.default_backend() == "cpu" and loaded.model.dtype != "float32":
+        logging.getLogger("serve").info("CPU backend: computing in float32 (model.dtype=%s; pass --compute-dtype to force)",
+                     loaded.model.dtype)
+        compute = "float32"
+    if compute:
+        loaded.model = dataclasses.replace(loaded.model, dtype=compute)
     tok, tok_cfg = load_serving_tokenizer(loaded, args.tokenizer)
     engine = Engine(loaded.model, loaded.variables, tokenizer=tok, max_slots=args.max_slots, max_len=args.max_len,
                     speculative=args.speculative)
@@ -70,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             if ev.finish_reason:
                 done.append(ev)
 
-        engine.submit(tok.encode(args.prompt, allow_special=True), params, on_event=show)
+        try:
+            engine.submit(tok.encode(args.prompt, allow_special=True), params, on_event=show)
+        except RequestError as e:
+            print(f"\nerror: {e.message}", file=sys.stderr)
+            return 2
         while not done:
             engine.step()
         dt = time.perf_counter() - t0

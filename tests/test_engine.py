@@ -214,9 +214,32 @@ def test_speculative_greedy_equals_plain_greedy(spec_engine, spec_variables, ful
     assert a.token_ids == b.token_ids and len(a.token_ids) == 20
 
 
+def test_speculative_drafts_are_the_mtp_predictions(spec_engine, spec_variables):
+    """After every step the row's draft is what the training-path MTP module predicts from the committed
+    sequence (module 1 at the position before the last token) — so its own cache is kept exact."""
+    full = jax.jit(lambda v, t: Transformer(CFG).apply(v, t).mtp_logits[0, 0])
+    prompt = PROMPTS[3]
+    seen = []
+    spec_engine.submit(prompt, dataclasses.replace(GREEDY, max_tokens=30), on_event=seen.append)
+    checked = 0
+    while not (seen and seen[-1].finish_reason):
+        spec_engine.step()
+        row = next((r for r in spec_engine._rows if r is not None), None)  # white-box: the row's drafts
+        if row is None:
+            break
+        seq = prompt + row.out
+        x = np.zeros((1, MAX_LEN), np.int32)
+        x[0, :len(seq)] = seq
+        assert row.drafts == [int(np.argmax(full(spec_variables, x)[len(seq) - 2]))]
+        checked += 1
+    assert checked >= 5
+
+
 def test_no_recompiles_after_warmup(engine, spec_engine):
+    for e in (engine, spec_engine):
+        e.warmup(buckets=[16, 32])
     before = dict(engine.traces), dict(spec_engine.traces)
-    assert before[0] == {"prefill_16": 1, "prefill_32": 1, "decode": 1}
+    assert before[0] == {"prefill_16": 1, "prefill_32": 1, "decode": 1}  # each compiled once, whatever ran
     assert before[1] == {"prefill_16": 1, "prefill_32": 1, "spec": 1}
     prompts = [[3] * n for n in (1, 4, 9, 16, 17, 25, 31)]
     params = [SamplingParams(max_tokens=m, temperature=t, top_k=k, seed=m)

@@ -17,7 +17,7 @@ from dsv3_jax.attention import LatentCache
 from dsv3_jax.config import ModelConfig, RopeScaling
 from dsv3_jax.hf import load_hf
 from dsv3_jax.model import Transformer, head_logits, init_cache, init_mtp_cache, init_variables, mtp_step
-from tests.common import FIXTURES, tiny_config
+from tests.common import FIXTURES, random_variables, tiny_config
 
 GOLDEN = ["tiny_yarn", "tiny_plainq", "tiny_yarn_fp8", "hf_save_pretrained"]
 
@@ -94,7 +94,7 @@ def test_mtp_over_its_cache_equals_training_path():
     """MTP modules run window by window over their own latent caches (serving's drafts: naive prefill, then
     absorbed single steps) give the training path's MTP logits; depth 2 chains on depth 1's hidden state."""
     cfg = tiny_config(num_nextn_predict_layers=2)
-    variables = init_variables(cfg, jax.random.key(4))
+    variables = random_variables(cfg, seed=4)
     B, T, P = 2, 10, 4
     tokens = jax.random.randint(jax.random.key(5), (B, T), 0, cfg.vocab_size)
     full = jax.jit(lambda v, t: Transformer(cfg).apply(v, t))(variables, tokens)
