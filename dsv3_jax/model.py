@@ -35,14 +35,31 @@ class ModelOutput(NamedTuple):
     hidden: jax.Array
 
 
+def _stacked_cache(cfg: ModelConfig, n: int, batch: int, max_len: int, dtype: str | None) -> LatentCache:
+    one = LatentCache.init(cfg, batch, max_len, dtype)
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), one)
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> dict[str, LatentCache]:
     """Empty latent caches for the main layers: {'dense': [L_dense, B, S, ·], 'moe': [L_moe, B, S, ·]}."""
-    out = {}
-    for name, n in (("dense", cfg.first_k_dense_replace), ("moe", cfg.num_moe_layers)):
-        if n:
-            one = LatentCache.init(cfg, batch, max_len, dtype)
-            out[name] = jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), one)
-    return out
+    return {name: _stacked_cache(cfg, n, batch, max_len, dtype)
+            for name, n in (("dense", cfg.first_k_dense_replace), ("moe", cfg.num_moe_layers)) if n}
+
+
+def init_mtp_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> LatentCache:
+    """Empty latent caches for the MTP modules' own blocks, stacked [D, B, S, ·] (module k at index k-1)."""
+    return _stacked_cache(cfg, cfg.num_nextn_predict_layers, batch, max_len, dtype)
+
+
+def lm_head(cfg: ModelConfig, name: str | None = "lm_head") -> Linear:
+    """The untied output projection [d] → [V] float32 logits."""
+    return Linear((cfg.vocab_size,), ("embed", "vocab"), name=name, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                  init_std=cfg.initializer_range, out_dtype="float32")
+
+
+def tied_logits(h: jax.Array, embedding: jax.Array) -> jax.Array:
+    """Tied head: h [..., d] · embedding [V, d]ᵀ → [..., V] float32."""
+    return jnp.einsum("...d,vd->...v", h, embedding.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
 class Transformer(nn.Module):
@@ -81,11 +98,9 @@ class Transformer(nn.Module):
         h = RMSNorm(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, name="norm")(x)
         if c.tie_word_embeddings:
             def head(z):
-                return jnp.einsum("btd,vd->btv", z, embed.embedding.astype(z.dtype),
-                                  preferred_element_type=jnp.float32)
+                return tied_logits(z, embed.embedding)
         else:
-            head = Linear((c.vocab_size,), ("embed", "vocab"), name="lm_head", dtype=c.dtype,
-                          param_dtype=c.param_dtype, init_std=c.initializer_range, out_dtype="float32")
+            head = lm_head(c)
         logits = logical(head(h), ("activation_batch", "activation_length", "activation_vocab"))
 
         mtp_logits, mtp_load, mtp_bal = None, jnp.zeros((0, E), jnp.float32), jnp.zeros((0,), jnp.float32)
@@ -94,7 +109,7 @@ class Transformer(nn.Module):
             h_prev = h
             for k in range(1, c.num_nextn_predict_layers + 1):
                 emb_next = embed(shift_tokens(tokens, k))
-                h_prev, h_normed, aux = MTPModule(c, k, name=f"mtp_{k - 1}")(h_prev, emb_next, positions)
+                h_prev, h_normed, aux, _ = MTPModule(c, k, name=f"mtp_{k - 1}")(h_prev, emb_next, positions)
                 outs.append(head(h_normed))
                 loads.append(aux.get("load", jnp.zeros((E,), jnp.float32)))
                 bals.append(aux.get("balance", jnp.zeros((), jnp.float32)))
@@ -108,3 +123,33 @@ def init_variables(cfg: ModelConfig, rng: jax.Array, batch: int = 1, seq: int = 
     """Fresh variables {'params', 'router'} as plain arrays (logical-axis boxes removed)."""
     tokens = jnp.zeros((batch, seq), jnp.int32)
     return nn.meta.unbox(Transformer(cfg).init(rng, tokens))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pieces of the model applied on their own (serving: speculative drafts with the MTP modules)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def head_logits(cfg: ModelConfig, variables: dict, h: jax.Array) -> jax.Array:
+    """The shared output head on normed hidden states h [..., d] → logits [..., V] float32."""
+    p = variables["params"]
+    if cfg.tie_word_embeddings:
+        return tied_logits(h, p["embed"]["embedding"])
+    return lm_head(cfg, name=None).apply({"params": p["lm_head"]}, h)
+
+
+def mtp_step(cfg: ModelConfig, variables: dict, depth: int, h_prev: jax.Array, next_tokens: jax.Array,
+             positions: jax.Array, cache: LatentCache, absorbed: bool = False
+             ) -> tuple[jax.Array, jax.Array, LatentCache]:
+    """MTP module ``depth`` (1-based) over a window, attending over its own latent cache (REFERENCE §6).
+
+    h_prev [B, T, d] is h^{depth-1} at the window's positions (depth 1: the main model's final normed hidden
+    state), next_tokens [B, T] holds t_{i+depth} for each position i, positions [B, T], cache [B, S, ·].
+    Returns (h^{depth} [B, T, d], its head-normed form [B, T, d] for :func:`head_logits`, updated cache).
+    The same parameters as ``Transformer``'s MTP path (``mtp_{depth-1}``, shared embedding and head).
+    """
+    name = f"mtp_{depth - 1}"
+    sub = {col: tree[name] for col, tree in variables.items() if name in tree}
+    emb = Embed(cfg).apply({"params": variables["params"]["embed"]}, next_tokens)
+    h, h_normed, _, cache = MTPModule(cfg, depth).apply(sub, h_prev, emb, positions, cache, absorbed)
+    return h, h_normed, cache

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.attention import LatentCache
 from dsv3_jax.block import Block
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Linear, RMSNorm
@@ -24,13 +25,19 @@ def shift_tokens(tokens: jax.Array, k: int, pad_id: int = 0) -> jax.Array:
 
 
 class MTPModule(nn.Module):
-    """(h_prev [B, T, d], emb_next [B, T, d], positions) → (h [B, T, d], normed h for the head, aux)."""
+    """(h_prev [B, T, d], emb_next [B, T, d], positions [B, T]) → (h [B, T, d], normed h for the head, aux, cache).
+
+    With ``cache`` (this module's own LatentCache [B, S, ·]) the block attends over it like a main-model layer
+    (serving: speculative drafts); ``absorbed`` picks the latent-space decode math.
+    """
 
     cfg: ModelConfig
     depth: int  # k, 1-based
 
     @nn.compact
-    def __call__(self, h_prev: jax.Array, emb_next: jax.Array, positions: jax.Array):
+    def __call__(self, h_prev: jax.Array, emb_next: jax.Array, positions: jax.Array,
+                 cache: LatentCache | None = None, absorbed: bool = False
+                 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], LatentCache | None]:
         c = self.cfg
         norm = dict(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         e = RMSNorm(name="enorm", **norm)(emb_next)
@@ -39,5 +46,5 @@ class MTPModule(nn.Module):
         x = Linear((c.hidden_size,), (None, "embed"), name="eh_proj", dtype=c.dtype, param_dtype=c.param_dtype,
                    init_std=c.initializer_range)(jnp.concatenate([e, h], axis=-1))
         moe = c.num_hidden_layers + self.depth - 1 >= c.first_k_dense_replace
-        x, _, aux = Block(c, moe=moe, name="block")(x, positions)
-        return x, RMSNorm(name="head_norm", **norm)(x), aux
+        x, cache, aux = Block(c, moe=moe, absorbed=absorbed, name="block")(x, positions, cache)
+        return x, RMSNorm(name="head_norm", **norm)(x), aux, cache

@@ -21,3 +21,25 @@ def tiny_config(**overrides) -> ModelConfig:
         num_nextn_predict_layers=1, initializer_range=0.2, dtype="float32", param_dtype="float32",
     )
     return dataclasses.replace(cfg, **overrides)
+
+
+def random_variables(cfg: ModelConfig, seed: int = 0) -> dict:
+    """Variables distributed as ``init_variables`` gives them (normal(initializer_range) weights, unit norm
+    scales, zero router biases), filled with NumPy from the abstract shapes: ~1 s instead of a ~30 s init."""
+    import jax
+    import numpy as np
+
+    from dsv3_jax.model import init_variables
+
+    shapes = jax.eval_shape(lambda k: init_variables(cfg, k), jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        name = getattr(path[-1], "key", "")
+        if name == "scale":
+            return np.ones(s.shape, s.dtype)
+        if name == "e_score_correction_bias":
+            return np.zeros(s.shape, s.dtype)
+        return (rng.standard_normal(s.shape) * cfg.initializer_range).astype(s.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 
@@ -12,10 +13,11 @@ import numpy as np
 import pytest
 
 from dsv3_jax import moe, rope
+from dsv3_jax.attention import LatentCache
 from dsv3_jax.config import ModelConfig, RopeScaling
 from dsv3_jax.hf import load_hf
-from dsv3_jax.model import Transformer, init_cache, init_variables
-from tests.common import FIXTURES, tiny_config
+from dsv3_jax.model import Transformer, head_logits, init_cache, init_mtp_cache, init_variables, mtp_step
+from tests.common import FIXTURES, random_variables, tiny_config
 
 GOLDEN = ["tiny_yarn", "tiny_plainq", "tiny_yarn_fp8", "hf_save_pretrained"]
 
@@ -86,6 +88,39 @@ def test_absorbed_decode_equals_naive_forward():
         np.testing.assert_allclose(out.logits[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
     # The cache holds exactly kv_lora + rope values per token per layer.
     assert cache["moe"].c_kv.shape[-1] + cache["moe"].k_rope.shape[-1] == cfg.latent_cache_dim
+
+
+def test_mtp_over_its_cache_equals_training_path():
+    """MTP modules run window by window over their own latent caches (serving's drafts: naive prefill, then
+    absorbed single steps) give the training path's MTP logits; depth 2 chains on depth 1's hidden state."""
+    cfg = tiny_config(num_nextn_predict_layers=2)
+    variables = random_variables(cfg, seed=4)
+    B, T, P = 2, 10, 4
+    tokens = jax.random.randint(jax.random.key(5), (B, T), 0, cfg.vocab_size)
+    full = jax.jit(lambda v, t: Transformer(cfg).apply(v, t))(variables, tokens)
+    ext = jnp.pad(tokens, ((0, 0), (0, cfg.num_nextn_predict_layers)))
+
+    @functools.partial(jax.jit, static_argnums=4)
+    def window(v, h, pos, caches, absorbed):
+        logits, new = [], []
+        for k in (1, 2):  # module k at position i reads t_{i+k}
+            nxt = jnp.take_along_axis(ext, pos + k, axis=1)
+            h, hn, c = mtp_step(cfg, v, k, h, nxt, pos, caches[k - 1], absorbed)
+            logits.append(head_logits(cfg, v, hn))
+            new.append(c)
+        return logits, new
+
+    mtp_cache = init_mtp_cache(cfg, B, 16, "float32")
+    caches = [LatentCache(mtp_cache.c_kv[k], mtp_cache.k_rope[k]) for k in range(2)]
+    pos = jnp.broadcast_to(jnp.arange(P), (B, P))
+    logits, caches = window(variables, full.hidden[:, :P], pos, caches, False)
+    for k in (1, 2):
+        np.testing.assert_allclose(logits[k - 1], full.mtp_logits[k - 1][:, :P], rtol=1e-4, atol=1e-4)
+    for t in range(P, T - 2):  # positions whose depth-2 input token exists
+        pos = jnp.full((B, 1), t, jnp.int32)
+        logits, caches = window(variables, full.hidden[:, t:t + 1], pos, caches, True)
+        for k in (1, 2):
+            np.testing.assert_allclose(logits[k - 1][:, 0], full.mtp_logits[k - 1][:, t], rtol=1e-4, atol=1e-4)
 
 
 def test_absorbed_equals_naive_over_same_cache():
