@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from dsv3_jax.kernels import causal_attention, grouped_matmul  # noqa: E402
-from dsv3_jax.kernels._backend import on_gpu, tokamax  # noqa: E402
+from dsv3_jax.kernels._backend import IMPORT_ERRORS, on_gpu, tokamax  # noqa: E402
 
 
 def bench(fn, *args, iters: int = 20) -> float:
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     quick = a.quick or not on_gpu()
     rows = dense_rows(quick, a.iters) + grouped_gemm_rows(quick, a.iters) + attention_rows(quick, a.iters)
     dev = jax.devices()[0]
-    print(f"\ndevice: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    print(f"\ndevice: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, tokamax "
+          f"{'yes' if tokamax() is not None else 'no ' + '; '.join(IMPORT_ERRORS)}")
     print(f"{'op':40s} {'impl':8s} {'shape':34s} {'ms':>9s} {'TFLOP/s':>8s}")
     for r in rows:
         print(f"{r['op']:40s} {r['impl']:8s} {r['shape']:34s} {r['ms']:9.3f} {r['tflops']:8.1f}"
