@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mtp", type=int, help="MTP depth (0 to compare with HF, which has none)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the forward loss and forward+backward alone (optimizer = step − fwd+bwd)")
     ap.add_argument("--json")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
@@ -88,6 +90,26 @@ def main(argv: list[str] | None = None) -> int:
     fpt = flops_per_token(m, seq)
     peak = peak_flops()
     mfu = tps * fpt / peak if peak else None
+    parts = {}
+    if a.breakdown:
+        from dsv3_jax.model import Transformer
+        from dsv3_jax.training.loss import compute_losses
+
+        def loss(p, r, t):
+            out = Transformer(m).apply({"params": p, "router": r}, t[:, :-1])
+            return compute_losses(out, t, 0.3, cfg.train.balance_alpha).total
+
+        tok = jax.numpy.asarray(tokens[0])
+        for name, fn in (("forward", jax.jit(loss)), ("forward+backward", jax.jit(jax.grad(loss)))):
+            jax.block_until_ready(fn(state.params, state.router, tok))
+            ts = []
+            for _ in range(a.steps):
+                t = time.perf_counter()
+                jax.block_until_ready(fn(state.params, state.router, tok))
+                ts.append(time.perf_counter() - t)
+            parts[name + "_ms"] = statistics.median(ts) * 1e3
+        parts["optimizer_and_rest_ms"] = step_s * 1e3 - parts["forward+backward_ms"]
+        print("BREAKDOWN " + " ".join(f"{k}={v:.1f}" for k, v in parts.items()))
     stats = jax.devices()[0].memory_stats() or {}
     mem = stats.get("peak_bytes_in_use", 0) / 2 ** 30
     res = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, layers=m.num_hidden_layers,
@@ -95,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                tflops_per_s=tps * fpt / 1e12, mfu=mfu, peak_mem_gib=mem, compile_and_warmup_s=compile_s,
                loss_first=losses[0], loss_last=losses[-1], flops_per_token=fpt,
                active_params=m.param_counts()["active"], attention_impl=m.attention_impl, moe_impl=m.moe_impl,
-               remat=m.remat)
+               remat=m.remat, **parts)
     print(f"RESULT ours layers={res['layers']} mtp={res['mtp']} seq={seq} mb={a.mb} step {res['step_ms']:.0f} ms "
           f"tokens/s {tps:.0f} TFLOP/s {res['tflops_per_s']:.1f} MFU "
           f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} peak mem {mem:.1f} GiB (compile+warmup {compile_s:.0f}s)")

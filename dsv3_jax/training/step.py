@@ -131,7 +131,10 @@ def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_c
     zero = jnp.zeros((), jnp.float32)
     init = (jax.tree.map(jnp.zeros_like, params), Losses(zero, zero, zero, zero),
             jnp.zeros((model_cfg.num_moe_layers, E), jnp.float32), jnp.zeros((D, E), jnp.float32))
-    (g_sum, l_sum, load, mtp_load), _ = jax.lax.scan(micro, init, tokens)
+    if n == 1:  # no accumulation buffer: saves a full f32 copy of the params' size
+        (g_sum, l_sum, load, mtp_load), _ = micro(jax.tree.map(jnp.zeros_like, init), tokens[0])
+    else:
+        (g_sum, l_sum, load, mtp_load), _ = jax.lax.scan(micro, init, tokens)
     # Micro-batches have equal token counts, so the mean of per-micro means is the global-batch mean.
     grads = jax.tree.map(lambda g: g / n, g_sum)
     losses = jax.tree.map(lambda v: v / n, l_sum)
