@@ -164,7 +164,8 @@ class MoE(nn.Module):
                                  nn.with_logical_partitioning(nn.initializers.zeros, (None,)), None,
                                  (E,), jnp.float32).value
         init = normal_init(c.initializer_range)
-        shapes = {"gate_proj": ((E, d, F), ("exp", "embed", "moe_mlp")), "up_proj": ((E, d, F), ("exp", "embed", "moe_mlp")),
+        shapes = {"gate_proj": ((E, d, F), ("exp", "embed", "moe_mlp")),
+                  "up_proj": ((E, d, F), ("exp", "embed", "moe_mlp")),
                   "down_proj": ((E, F, d), ("exp", "moe_mlp", "embed"))}
         if c.fp8_weights:  # E4M3 blocks + scale_inv per expert (serving an FP8 checkpoint)
             ws = [fp8_weight_param(self, n, s, a, in_dims=1, lead=1) for n, (s, a) in shapes.items()]

@@ -20,9 +20,11 @@ import optax
 import pytest
 
 from dsv3_jax import fp8, moe
-from dsv3_jax.config import ModelConfig
+from dsv3_jax.config import MeshConfig, ModelConfig
 from dsv3_jax.hf import HFCheckpoint, load_hf
 from dsv3_jax.model import Transformer, init_variables
+from sharding.expert import ep_dispatch
+from sharding.mesh import make_mesh
 from tests.common import FIXTURES, tiny_config
 
 U = 2.0 ** -4  # E4M3 unit roundoff (relative, normals)
@@ -267,6 +269,23 @@ def test_fp8_moe_ragged_dispatch_equals_dense():
                                   for f in (ragged, dense))
     np.testing.assert_allclose(gx_a, gx_b, rtol=0, atol=1e-5 * float(jnp.abs(gx_b).max()))
     assert cosine(gw_a, gw_b) > 0.99
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+def test_expert_parallel_fp8_equals_one_device():
+    """sharding/expert.py runs the same FP8 expert GEMMs per shard (row tiles and expert blocks are local)."""
+    cfg = tiny_config()
+    mesh = make_mesh(MeshConfig(data=1, expert=8))
+    rng = np.random.default_rng(15)
+    N, d, E, F = 64, cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+    x = jnp.asarray(rng.normal(size=(N, d)), jnp.float32)
+    wg, wu = (jnp.asarray(rng.normal(size=(E, d, F)) * 0.2, jnp.float32) for _ in range(2))
+    wd = jnp.asarray(rng.normal(size=(E, F, d)) * 0.2, jnp.float32)
+    r = moe.route(jnp.asarray(rng.normal(size=(N, E)), jnp.float32), None, cfg)
+    ref = jax.jit(lambda *a: moe.dispatch_ragged(*a, fp8_pow2=False))(x, r, wg, wu, wd)
+    with jax.set_mesh(mesh):
+        y = jax.jit(lambda *a: ep_dispatch(mesh, *a, fp8_pow2=False))(x, r, wg, wu, wd)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.abs(ref).max()))
 
 
 # ---------------------------------------------------------------------------------------------------------
