@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from dsv3_jax import rope
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kernels import causal_attention
-from dsv3_jax.layers import Linear, RMSNorm, dtype_of, logical
+from dsv3_jax.layers import Linear, RMSNorm, dtype_of, linear_args, logical
 
 
 class LatentCache(NamedTuple):
@@ -104,7 +104,7 @@ class MLA(nn.Module):
         c = self.cfg
         dt = dtype_of(c.dtype)
         H, n, r, v, cl = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
-        lin = dict(dtype=c.dtype, param_dtype=c.param_dtype, init_std=c.initializer_range)
+        lin = linear_args(c)
         norm = dict(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
 
         # Query: low-rank + norm (or plain projection), split nope / rope.

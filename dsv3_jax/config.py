@@ -88,6 +88,16 @@ class ModelConfig:
     moe_impl: Literal["auto", "ragged", "dense", "xla", "tokamax"] = "auto"
     # Rematerialisation of each block in the backward pass: none | full | save_dots (keep matmul outputs).
     remat: Literal["none", "full", "save_dots"] = "none"
+    # FP8 mixed precision (REFERENCE §8): every linear of the recipe (attention projections, dense MLP, shared
+    # and routed experts, MTP eh_proj) runs its forward and backward GEMMs in E4M3 — activations per 1×128 tile,
+    # weights per 128×128 block, FP32 accumulation. Embedding, lm_head, MoE gate, norms and attention core keep
+    # `dtype`/float32. Set by train.precision=fp8; False leaves every matmul exactly as in `dtype`.
+    fp8: bool = False
+    # Round FP8 scales up to powers of two (UE8M0, as the V3.1+ kernels do): scale multiplies become exact.
+    fp8_pow2_scales: bool = False
+    # Serving an FP8 checkpoint: quantised linear weights stay E4M3 + per-block scale_inv params (no upcast of
+    # the model); dequantised per block on the fly, or fed to the FP8 GEMM when `fp8` is also on. Not trainable.
+    fp8_weights: bool = False
 
     def __post_init__(self) -> None:
         _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
@@ -490,7 +500,7 @@ def model_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """HF ``config.json`` dict for ``cfg`` (loadable by transformers' DeepseekV3ForCausalLM)."""
     out: dict[str, Any] = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
     skip = {"rope_scaling", "yarn_only_when_extended", "dtype", "param_dtype", "attention_impl", "moe_impl",
-            "remat"}
+            "remat", "fp8", "fp8_pow2_scales", "fp8_weights"}
     for f in dataclasses.fields(cfg):
         if f.name not in skip:
             out[f.name] = getattr(cfg, f.name)

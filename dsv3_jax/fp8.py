@@ -1,13 +1,23 @@
-"""FP8 (E4M3) block scaling: the official checkpoint format and the training recipe's quantisers (REFERENCE §8).
+"""FP8 (E4M3) fine-grained scaling (REFERENCE §8): the checkpoint format, and the training recipe's numerics.
 
-Weights: one float32 scale per 128×128 block, stored as ``weight_scale_inv`` (the multiplier that dequantises):
-``W = W_fp8[block] · scale_inv[block]``, grid ``[ceil(out/128), ceil(in/128)]`` with partial edge blocks.
+NumPy, for checkpoints: weights carry one float32 scale per 128×128 block, stored as ``weight_scale_inv`` (the
+multiplier that dequantises): ``W = W_fp8[block] · scale_inv[block]``, grid ``[ceil(out/128), ceil(in/128)]``
+with partial edge blocks (:func:`quantize_blocks`, :func:`dequantize_blocks`).
+
+JAX, for the model: online quantisers for any tile shape (:func:`quantize`), the DeepGEMM-style GEMM with FP32
+promotion every 128 of K (:func:`chunked_dot`), and the Linear / expert GEMMs whose forward *and* backward
+run in FP8 (:func:`fp8_dot`, :func:`fp8_grouped_matmul`, both ``jax.custom_vjp``). These are exact CPU
+references; fast GPU kernels plug in behind the same functions.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -49,3 +59,265 @@ def quantize_blocks(w: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.n
     scale = np.where(amax > 0, amax / E4M3_MAX, 1.0).astype(np.float32)
     q = (w / expand_blocks(scale, w.shape, block)).astype(E4M3)
     return q, scale
+
+
+# ----------------------------------------------------------------------------------------------------------
+# JAX: the training recipe's online quantisers and FP8 GEMMs (REFERENCE §8, TR §3.3)
+# ----------------------------------------------------------------------------------------------------------
+# Tiles and blocks are over the last two dims [R, C] of an array:
+#   TILE     (1, 128): activations and output grads, per row (token) per 128 channels of the contraction dim;
+#   COL_TILE (128, 1): the same along the token dim — the operands of Wgrad, which contracts tokens;
+#   WEIGHT   (128, 128): weights, as the checkpoint stores them (one grid serves W and Wᵀ).
+# The GEMMs emulate DeepGEMM: FP8 products of one 128-wide K chunk are summed, the partial sum is multiplied by
+# the chunk's two scales and promoted into an FP32 accumulator (N_C = 128). Within a chunk we sum in full FP32;
+# Hopper's tensor cores keep ~14 bits there, the GPU kernel's concern, not this reference.
+
+TILE = (1, BLOCK)
+COL_TILE = (BLOCK, 1)
+WEIGHT = (BLOCK, BLOCK)
+AMAX_FLOOR = 1e-4  # the official kernels' floor: an all-zero tile still gets a finite scale
+E4M3_JNP = jnp.float8_e4m3fn  # tests swap in float32 to check the plumbing with a lossless cast
+
+
+class Quantized(NamedTuple):
+    """E4M3 values ``q`` [..., R, C] and float32 ``scale`` [..., ceil(R/br), ceil(C/bc)]; ``x ≈ q · scale``.
+
+    ``scale`` is the dequantising multiplier (the checkpoint's ``weight_scale_inv``) of each [br, bc] block.
+    """
+
+    q: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+
+def fp8_scale(amax: jax.Array, pow2: bool = False) -> jax.Array:
+    """``max(amax, 1e-4) / 448``; ``pow2`` rounds up to a power of two (UE8M0 scales, V3.1+ kernels)."""
+    s = jnp.maximum(amax.astype(jnp.float32), AMAX_FLOOR) / E4M3_MAX
+    if pow2:
+        m, e = jnp.frexp(s)  # s = m · 2^e with m in [0.5, 1): exact, unlike ceil(log2(s))
+        s = jnp.ldexp(jnp.ones_like(s), jnp.where(m == 0.5, e - 1, e))
+    return s
+
+
+def _pad_last2(x: jax.Array, rows: int, cols: int) -> jax.Array:
+    R, C = x.shape[-2:]
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, rows - R), (0, cols - C)])
+
+
+def expand_scale(scale: jax.Array, block: tuple[int, int], shape: tuple[int, int]) -> jax.Array:
+    """Block grid [..., Rb, Cb] → per element [..., R, C] (edge blocks cropped)."""
+    s = jnp.repeat(jnp.repeat(scale, block[0], axis=-2), block[1], axis=-1)
+    return s[..., : shape[0], : shape[1]]
+
+
+def quantize(x: jax.Array, block: tuple[int, int] = TILE, pow2: bool = False) -> Quantized:
+    """Quantise the last two dims [R, C] of ``x`` to E4M3 with one online scale per ``block`` (amax / 448).
+
+    R and C need not be multiples of the block: edges are zero-padded for the amax and cropped after.
+    """
+    if x.ndim < 2:
+        raise ValueError(f"fp8.quantize needs at least 2 dims [..., R, C], got shape {x.shape}")
+    R, C = x.shape[-2:]
+    br, bc = block
+    Rb, Cb = -(-R // br), -(-C // bc)
+    xp = _pad_last2(x.astype(jnp.float32), Rb * br, Cb * bc)
+    blocks = xp.reshape(*x.shape[:-2], Rb, br, Cb, bc)
+    scale = fp8_scale(jnp.abs(blocks).max(axis=(-3, -1)), pow2)  # [..., Rb, Cb]
+    # amax / (amax / 448) can round a hair above 448, and E4M3 has no inf: clip before the cast (NaN otherwise).
+    q = jnp.clip(blocks / scale[..., :, None, :, None], -E4M3_MAX, E4M3_MAX).astype(E4M3_JNP)
+    return Quantized(q.reshape(xp.shape)[..., :R, :C], scale)
+
+
+def dequantize(x: Quantized, block: tuple[int, int] = TILE, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """``q · scale`` per block → ``dtype`` [..., R, C]."""
+    s = expand_scale(x.scale, block, x.q.shape[-2:])
+    return (x.q.astype(jnp.float32) * s).astype(dtype)
+
+
+def chunked_dot(a_q: jax.Array, a_scale: jax.Array, b_q: jax.Array, b_scale: jax.Array) -> jax.Array:
+    """FP8 GEMM with FP32 promotion every 128 of K (the DeepGEMM math). → float32 [M, N].
+
+    a_q [M, K] with a_scale [M, ceil(K/128)] (one per row per K chunk); b_q [K, N] with b_scale
+    [ceil(K/128), N] (one per K chunk per column). ``y = Σ_c (a_q[:, c] · b_q[c, :]) · a_scale[:, c] ⊗ b_scale[c]``,
+    summed chunk after chunk in FP32. Fprop, Dgrad and Wgrad are all this shape (see :func:`fp8_matmul`).
+    """
+    M, K = a_q.shape
+    N = b_q.shape[1]
+    Kb = -(-K // BLOCK)
+    assert a_scale.shape == (M, Kb) and b_scale.shape == (Kb, N), (a_scale.shape, b_scale.shape, M, K, N)
+    a = _pad_last2(a_q.astype(jnp.float32), M, Kb * BLOCK).reshape(M, Kb, BLOCK).transpose(1, 0, 2)
+    b = jnp.pad(b_q.astype(jnp.float32), ((0, Kb * BLOCK - K), (0, 0))).reshape(Kb, BLOCK, N)
+
+    def step(acc, chunk):
+        a_c, b_c, sa, sb = chunk  # [M, 128], [128, N], [M], [N]
+        part = jnp.dot(a_c, b_c, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+        return acc + part * (sa[:, None] * sb[None, :]), None
+
+    return _over_chunks(step, jnp.zeros((M, N), jnp.float32), (a, b, a_scale.T, b_scale))
+
+
+def _over_chunks(step, acc: jax.Array, chunks: tuple[jax.Array, ...]) -> jax.Array:
+    """Fold ``step`` over the leading (K-chunk) axis in order: a scan (memory [M, N]), or one call for one chunk."""
+    if chunks[0].shape[0] == 1:
+        return step(acc, tuple(c[0] for c in chunks))[0]
+    return jax.lax.scan(step, acc, chunks)[0]
+
+
+def group_ids(group_sizes: jax.Array, rows: int) -> jax.Array:
+    """Group of each of ``rows`` contiguous rows [rows] int32 (rows past the sum get the last group)."""
+    ids = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(rows), side="right")
+    return jnp.minimum(ids, group_sizes.shape[0] - 1).astype(jnp.int32)
+
+
+def grouped_chunked_dot(a_q: jax.Array, a_scale: jax.Array, b_q: jax.Array, b_scale: jax.Array,
+                        group_sizes: jax.Array) -> jax.Array:
+    """:func:`chunked_dot` with one right operand per contiguous row group (MoE experts). → float32 [M, N].
+
+    a_q [M, K], a_scale [M, ceil(K/128)]; b_q [G, K, N], b_scale [G, ceil(K/128), N]; group_sizes [G].
+    Rows past ``sum(group_sizes)`` come out zero.
+    """
+    M, K = a_q.shape
+    G, _, N = b_q.shape
+    Kb = -(-K // BLOCK)
+    assert a_scale.shape == (M, Kb) and b_scale.shape == (G, Kb, N), (a_scale.shape, b_scale.shape)
+    a = _pad_last2(a_q.astype(jnp.float32), M, Kb * BLOCK).reshape(M, Kb, BLOCK).transpose(1, 0, 2)
+    b = jnp.pad(b_q.astype(jnp.float32), ((0, 0), (0, Kb * BLOCK - K), (0, 0)))
+    b = b.reshape(G, Kb, BLOCK, N).transpose(1, 0, 2, 3)  # [Kb, G, 128, N]
+    gid = group_ids(group_sizes, M)
+    sizes = group_sizes.astype(jnp.int32)
+
+    def step(acc, chunk):
+        a_c, b_c, sa, sb = chunk  # [M, 128], [G, 128, N], [M], [G, N]
+        part = jax.lax.ragged_dot(a_c, b_c, sizes, precision=jax.lax.Precision.HIGHEST,
+                                  preferred_element_type=jnp.float32)
+        return acc + part * (sa[:, None] * jnp.take(sb, gid, axis=0)), None
+
+    return _over_chunks(step, jnp.zeros((M, N), jnp.float32), (a, b, a_scale.T, b_scale.transpose(1, 0, 2)))
+
+
+def _cols(scale: jax.Array, n: int) -> jax.Array:
+    """Weight block scales [..., Kb, Nb] → per K chunk per column [..., Kb, n]."""
+    return jnp.repeat(scale, BLOCK, axis=-1)[..., :n]
+
+
+class _Spec(NamedTuple):
+    """Static (hashable) settings of one FP8 GEMM: scale format and the dtypes to hand back."""
+
+    pow2: bool
+    out_dtype: jnp.dtype
+    x_dtype: jnp.dtype
+    w_dtype: jnp.dtype
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fp8_matmul(x: jax.Array, w: jax.Array, spec: _Spec) -> jax.Array:
+    return _fp8_matmul_fwd(x, w, spec)[0]
+
+
+def _fp8_matmul_fwd(x, w, spec):
+    N = w.shape[1]
+    xq, wq = quantize(x, TILE, spec.pow2), quantize(w, WEIGHT, spec.pow2)
+    y = chunked_dot(xq.q, xq.scale, wq.q, _cols(wq.scale, N))  # Fprop contracts K: x tiles along K
+    # Wgrad is the only backward use of x, and it contracts tokens: cache x quantised along tokens, in FP8,
+    # instead of x itself (REFERENCE §8: activations saved for backward in FP8).
+    return y.astype(spec.out_dtype), (quantize(x, COL_TILE, spec.pow2), wq)
+
+
+def _fp8_matmul_bwd(spec, res, dy):
+    x_col, wq = res
+    K = wq.q.shape[0]
+    # Dgrad dx [M, K] = dy [M, N] · Wᵀ: contracts N → dy in 1×128 tiles along N; W's 128×128 blocks, transposed.
+    dy_row = quantize(dy, TILE, spec.pow2)
+    dx = chunked_dot(dy_row.q, dy_row.scale, wq.q.T, _cols(wq.scale.T, K))
+    # Wgrad dW [K, N] = xᵀ · dy: contracts tokens M → both operands in tiles of 128 tokens (per channel).
+    dy_col = quantize(dy, COL_TILE, spec.pow2)
+    dw = chunked_dot(x_col.q.T, x_col.scale.T, dy_col.q, dy_col.scale)
+    return dx.astype(spec.x_dtype), dw.astype(spec.w_dtype)
+
+
+_fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
+
+
+def fp8_matmul(x: jax.Array, w: jax.Array, pow2: bool = False, out_dtype: jnp.dtype | None = None) -> jax.Array:
+    """x [M, K] · w [K, N] → [M, N] (``out_dtype``, default x's) with all three GEMMs in FP8 (TR §3.3).
+
+    Fprop ``x·W``: x per 1×128 tile along K, W per 128×128 block. Dgrad ``dy·Wᵀ``: dy per 1×128 tile along N,
+    the same W blocks. Wgrad ``xᵀ·dy``: x and dy per 128×1 tile along tokens. FP32 accumulation, promoted every
+    128 of K. Gradients come back in x's and w's dtypes (w may be the FP32 master weight: quantised directly).
+    """
+    spec = _Spec(pow2, jnp.dtype(out_dtype or x.dtype), jnp.dtype(x.dtype), jnp.dtype(w.dtype))
+    return _fp8_matmul(x, w, spec)
+
+
+def _flatten(x: jax.Array, w_shape: tuple[int, ...], in_dims: int) -> tuple[jax.Array, int, int]:
+    K = math.prod(w_shape[:in_dims])
+    return x.reshape(-1, K), K, math.prod(w_shape[in_dims:])
+
+
+def fp8_dot(x: jax.Array, w: jax.Array | Quantized, in_dims: int = 1, pow2: bool = False,
+            out_dtype: jnp.dtype | None = None) -> jax.Array:
+    """A Linear in FP8: x [..., *in] · w [*in, *out] → [..., *out] (the last ``in_dims`` dims of x contracted).
+
+    ``w`` a float array: quantised online, differentiable (:func:`fp8_matmul`). ``w`` a :class:`Quantized`
+    (serving an FP8 checkpoint: ``q`` [*in, *out], ``scale`` [ceil(K/128), ceil(N/128)] over the flattened
+    [K, N]): its blocks are used as they are, with x tile-quantised online (W8A8, forward only).
+    """
+    lead, out_shape = x.shape[: x.ndim - in_dims], w.shape[in_dims:]
+    x2, K, N = _flatten(x, w.shape, in_dims)
+    if isinstance(w, Quantized):
+        xq = quantize(x2, TILE, pow2)
+        y = chunked_dot(xq.q, xq.scale, w.q.reshape(K, N), _cols(w.scale, N)).astype(out_dtype or x.dtype)
+    else:
+        y = fp8_matmul(x2, w.reshape(K, N), pow2, out_dtype)
+    return y.reshape(*lead, *out_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fp8_grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, spec: _Spec) -> jax.Array:
+    return _fp8_grouped_fwd(x, w, group_sizes, spec)[0]
+
+
+def _fp8_grouped_fwd(x, w, group_sizes, spec):
+    N = w.shape[2]
+    xq, wq = quantize(x, TILE, spec.pow2), quantize(w, WEIGHT, spec.pow2)  # blocks per expert
+    y = grouped_chunked_dot(xq.q, xq.scale, wq.q, _cols(wq.scale, N), group_sizes)
+    return y.astype(spec.out_dtype), (quantize(x, COL_TILE, spec.pow2), wq, group_sizes)
+
+
+def _fp8_grouped_bwd(spec, res, dy):
+    x_col, wq, group_sizes = res
+    K = wq.q.shape[1]
+    dy_row = quantize(dy, TILE, spec.pow2)
+    wt = Quantized(wq.q.transpose(0, 2, 1), wq.scale.transpose(0, 2, 1))  # [G, N, K], blocks [G, Nb, Kb]
+    dx = grouped_chunked_dot(dy_row.q, dy_row.scale, wt.q, _cols(wt.scale, K), group_sizes)
+    # Wgrad per expert contracts that expert's tokens. Token tiles are 128 rows of the sorted batch (a tile may
+    # straddle two experts; DeepGEMM's k-grouped kernel pads groups to 128 instead). Reference math: the
+    # dequantised operands, contracted in FP32 — equal to per-chunk promotion up to FP32 rounding.
+    dy_col = quantize(dy, COL_TILE, spec.pow2)
+    dn = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
+                                           lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+    dw = jax.lax.ragged_dot_general(dequantize(x_col, COL_TILE), dequantize(dy_col, COL_TILE),
+                                    group_sizes.astype(jnp.int32), dn, precision=jax.lax.Precision.HIGHEST,
+                                    preferred_element_type=jnp.float32)  # [G, K, N]
+    return dx.astype(spec.x_dtype), dw.astype(spec.w_dtype), None
+
+
+_fp8_grouped.defvjp(_fp8_grouped_fwd, _fp8_grouped_bwd)
+
+
+def fp8_grouped_matmul(x: jax.Array, w: jax.Array | Quantized, group_sizes: jax.Array, pow2: bool = False,
+                       out_dtype: jnp.dtype | None = None) -> jax.Array:
+    """MoE experts in FP8: rows x [M, K] grouped contiguously by ``group_sizes`` [G], w [G, K, N] → [M, N].
+
+    Rows per 1×128 tile, each expert's weight per 128×128 block; FP32 promotion every 128 of K. A float ``w``
+    is differentiable (Dgrad and Wgrad in FP8 as in :func:`fp8_matmul`); a :class:`Quantized` ``w`` (``q``
+    [G, K, N], ``scale`` [G, Kb, Nb]) is served as stored, forward only.
+    """
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if isinstance(w, Quantized):
+        xq = quantize(x, TILE, pow2)
+        return grouped_chunked_dot(xq.q, xq.scale, w.q, _cols(w.scale, w.q.shape[2]), group_sizes).astype(out_dtype)
+    return _fp8_grouped(x, w, group_sizes, _Spec(pow2, out_dtype, jnp.dtype(x.dtype), jnp.dtype(w.dtype)))

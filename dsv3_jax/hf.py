@@ -2,7 +2,8 @@
 
 Loading streams tensor by tensor from memory-mapped files into one preallocated array per parameter leaf
 (stacked layers and experts are filled slice by slice), so the only full copy in RAM is the result. The
-official FP8 format (``float8_e4m3fn`` + ``weight_scale_inv`` per 128×128 block) is dequantised on the fly.
+official FP8 format (``float8_e4m3fn`` + ``weight_scale_inv`` per 128×128 block) is dequantised on the fly,
+or kept as it is with ``load_hf(..., fp8_weights=True)`` (served by the FP8 Linear path, REFERENCE §8).
 Every mismatch — missing or unexpected tensors, wrong shapes, unsupported dtypes — raises one
 :class:`CheckpointError` naming the tensors.
 """
@@ -205,6 +206,31 @@ class HFCheckpoint:
                 raise CheckpointError(f"{self.dir}: {key}: {e}") from None
         return w
 
+    def read_fp8(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """One linear weight as (E4M3 [out, in], scale_inv float32 [ceil(out/128), ceil(in/128)]) in HF layout.
+
+        FP8 tensors come as stored; others (a BF16 checkpoint) are block-quantised here.
+        """
+        sf = self.files[self.where[key]]
+        w = sf.get(key)
+        if not (w.dtype == fp8.E4M3 or w.dtype.name.startswith("float8")):
+            return fp8.quantize_blocks(w)
+        if w.dtype != fp8.E4M3:
+            raise CheckpointError(f"{self.dir}: {key} is {w.dtype}; FP8 weights are kept only as float8_e4m3fn "
+                                  f"(load without fp8_weights to dequantise)")
+        block = self.fp8_block or (fp8.BLOCK, fp8.BLOCK)
+        if tuple(block) != (fp8.BLOCK, fp8.BLOCK):
+            raise CheckpointError(f"{self.dir}: weight_block_size {list(block)}: FP8 weights are kept only with "
+                                  f"[{fp8.BLOCK}, {fp8.BLOCK}] blocks (load without fp8_weights to dequantise)")
+        sk = key.removesuffix(".weight") + ".weight_scale_inv"
+        if sk not in self.where:
+            raise CheckpointError(f"{self.dir}: FP8 tensor {key!r} has no {sk!r}")
+        s = np.asarray(self.files[self.where[sk]].get(sk), np.float32)
+        if s.shape != fp8.block_grid(w.shape):
+            raise CheckpointError(f"{self.dir}: {sk} has shape {list(s.shape)}; a {list(w.shape)} weight with "
+                                  f"128×128 blocks needs {list(fp8.block_grid(w.shape))} (ceil on both dims)")
+        return w, s
+
 
 def _few(names: list[str], n: int = 8) -> str:
     return ", ".join(names[:n]) + (f" … and {len(names) - n} more" if len(names) > n else "")
@@ -212,17 +238,20 @@ def _few(names: list[str], n: int = 8) -> str:
 
 def load_hf(hf_dir: str | Path, dtype: str | None = "float32", cfg: ModelConfig | None = None,
             strict: bool = True, place: Callable[[tuple[str, ...], np.ndarray], jax.Array] | None = None,
-            progress: bool = False) -> tuple[dict, ModelConfig]:
+            progress: bool = False, fp8_weights: bool = False) -> tuple[dict, ModelConfig]:
     """Read an HF DeepSeek-V3 checkpoint → (variables {'params', 'router'}, ModelConfig).
 
     ``dtype`` is the storage dtype of the loaded params (router bias and gate stay float32); ``place`` puts
     each finished leaf where it belongs (default ``jnp.asarray``; pass a sharded ``device_put`` for meshes).
-    ``strict`` rejects tensors the model has no place for.
+    ``strict`` rejects tensors the model has no place for. ``fp8_weights`` keeps the quantised linear weights
+    as E4M3 + ``*_scale_inv`` leaves (sets ``cfg.fp8_weights``; a BF16 checkpoint is block-quantised on load).
     """
     ck = HFCheckpoint(hf_dir)
     cfg = cfg or ck.model_config()
     if dtype is not None:
         cfg = dataclasses.replace(cfg, param_dtype=dtype)
+    if fp8_weights:
+        cfg = dataclasses.replace(cfg, fp8_weights=True)
     present = ck.keys()
     # HF's save_pretrained drops the MTP layers: load the main model, and say so, when none of them is there.
     for k in range(cfg.num_nextn_predict_layers):
@@ -261,23 +290,31 @@ def load_hf(hf_dir: str | Path, dtype: str | None = "float32", cfg: ModelConfig 
     for n, ((col, path), entries) in enumerate(sorted(by_leaf.items())):
         spec = _leaf(abstract[col], path)
         buf = np.empty(spec.shape, np.dtype(spec.dtype))
+        # An E4M3 leaf (fp8_weights) comes with a scale_inv leaf: our [K, N] grid is the checkpoint's, transposed.
+        scale_path = (*path[:-1], f"{path[-1]}_scale_inv") if buf.dtype == fp8.E4M3 else None
+        sbuf = None if scale_path is None else np.empty(_leaf(abstract[col], scale_path).shape, np.float32)
         for key, slot in entries:
             ours = _slot_shape(slot, spec.shape)
             src_shape = ck.files[ck.where[key]].shape(key)
             want = _hf_shape(slot, ours)
             if tuple(src_shape) != tuple(want):
                 raise CheckpointError(f"{hf_dir}: tensor {key!r} has shape {list(src_shape)}, expected {list(want)}")
+            idx = tuple(i for i in (slot.layer, slot.expert) if i is not None)
             try:
-                w = to_ours(slot, ck.read(key), ours)
+                if sbuf is None:
+                    buf[idx] = to_ours(slot, ck.read(key), ours)
+                else:
+                    q, s = ck.read_fp8(key)
+                    buf[idx], sbuf[idx] = to_ours(slot, q, ours), s.T
             except SafetensorsError as e:
                 raise CheckpointError(str(e)) from None
-            idx = tuple(i for i in (slot.layer, slot.expert) if i is not None)
-            buf[idx] = w
         node = out[col]
         for p in path[:-1]:
             node = node.setdefault(p, {})
         node[path[-1]] = place((col, *path), buf)
-        del buf
+        if scale_path is not None:
+            node[scale_path[-1]] = place((col, *scale_path), sbuf)
+        del buf, sbuf
         if progress:
             print(f"\rloaded {n + 1}/{n_leaves} parameter leaves", end="", flush=True)
     if progress:
@@ -295,6 +332,9 @@ def load_hf(hf_dir: str | Path, dtype: str | None = "float32", cfg: ModelConfig 
 
 def iter_hf_tensors(variables: dict, cfg: ModelConfig, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, tensor) for every tensor of the HF layout, MTP copies of embedding and head included."""
+    if cfg.fp8_weights:
+        raise ValueError("cannot export variables loaded with fp8_weights=True (E4M3 + scale_inv leaves); "
+                         "load the checkpoint without fp8_weights to convert it")
     kmap = key_map(cfg)
     for key, slot in kmap.items():
         leaf = _leaf(variables[slot.collection], slot.path)

@@ -5,12 +5,15 @@ Every parameter carries logical axis names (``sharding/rules.py`` maps them to m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax import fp8
 from dsv3_jax.config import ModelConfig
 
 
@@ -22,12 +25,22 @@ def normal_init(std: float) -> nn.initializers.Initializer:
     return nn.initializers.normal(stddev=std)
 
 
+def linear_args(cfg: ModelConfig) -> dict[str, Any]:
+    """The :class:`Linear` settings every projection of the recipe takes from the config (FP8 included)."""
+    return {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "init_std": cfg.initializer_range, "fp8": cfg.fp8,
+            "fp8_pow2_scales": cfg.fp8_pow2_scales, "fp8_weights": cfg.fp8_weights}
+
+
 class Linear(nn.Module):
     """``y[..., *out] = x[..., *in] · W[*in, *out]`` — a bias-free projection.
 
     ``in_dims`` trailing dims of ``x`` are contracted (2 for o_proj's [H, v] input). The kernel is stored
     [*in, *out] (HF stores [out, in]; ``dsv3_jax.hf`` transposes). Compute in ``dtype``, accumulate in f32.
     Called with ``x=None`` and ``in_shape`` it returns the kernel itself (MLA's absorbed path needs it).
+
+    ``fp8``: all three GEMMs in E4M3 with fine-grained scales (:func:`dsv3_jax.fp8.fp8_dot`, REFERENCE §8).
+    ``fp8_weights``: the kernel is stored E4M3 with ``kernel_scale_inv`` [ceil(K/128), ceil(N/128)] over the
+    flattened [K = prod(in), N = prod(out)] (an FP8 checkpoint's blocks, transposed); forward only.
     """
 
     features: tuple[int, ...]
@@ -37,21 +50,59 @@ class Linear(nn.Module):
     param_dtype: str = "float32"
     init_std: float = 0.006
     out_dtype: str | None = None  # default: dtype (the LM head asks for float32 logits)
+    fp8: bool = False
+    fp8_pow2_scales: bool = False
+    fp8_weights: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array | None, in_shape: tuple[int, ...] | None = None) -> jax.Array:
         if x is not None:
             in_shape = x.shape[x.ndim - self.in_dims:]
         assert in_shape is not None and len(in_shape) == self.in_dims
+        shape = (*in_shape, *self.features)
+        out_dtype = dtype_of(self.out_dtype or self.dtype)
+        if self.fp8_weights:
+            w = fp8_weight_param(self, "kernel", shape, self.axes, self.in_dims)
+            if x is None:
+                return dequantize_weight(w, self.in_dims)
+            if self.fp8:
+                return fp8.fp8_dot(x, w, self.in_dims, self.fp8_pow2_scales, out_dtype)
+            return project(x, dequantize_weight(w, self.in_dims, dtype_of(self.dtype)), self.in_dims,
+                           dtype_of(self.dtype), out_dtype)
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(normal_init(self.init_std), self.axes),
-            (*in_shape, *self.features),
+            shape,
             dtype_of(self.param_dtype),
         )
         if x is None:
             return kernel
-        return project(x, kernel, self.in_dims, dtype_of(self.dtype), dtype_of(self.out_dtype or self.dtype))
+        if self.fp8:
+            return fp8.fp8_dot(x, kernel, self.in_dims, self.fp8_pow2_scales, out_dtype)
+        return project(x, kernel, self.in_dims, dtype_of(self.dtype), out_dtype)
+
+
+def fp8_weight_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
+                     in_dims: int, lead: int = 0) -> fp8.Quantized:
+    """Declare an E4M3 weight ``name`` [*lead, *in, *out] and its ``{name}_scale_inv`` [*lead, Kb, Nb].
+
+    ``lead`` leading dims (the expert axis) each hold their own block grid over the flattened [K, N].
+    """
+    K, N = math.prod(shape[lead: lead + in_dims]), math.prod(shape[lead + in_dims:])
+    q = module.param(name, nn.with_logical_partitioning(nn.initializers.zeros, axes), shape, fp8.E4M3_JNP)
+    grid = (*shape[:lead], -(-K // fp8.BLOCK), -(-N // fp8.BLOCK))
+    scale = module.param(f"{name}_scale_inv", nn.with_logical_partitioning(nn.initializers.ones,
+                                                                         (*axes[:lead], None, None)),
+                         grid, jnp.float32)
+    return fp8.Quantized(q, scale)
+
+
+def dequantize_weight(w: fp8.Quantized, in_dims: int, dtype: jnp.dtype = jnp.float32, lead: int = 0) -> jax.Array:
+    """E4M3 blocks [*lead, *in, *out] + scale_inv [*lead, Kb, Nb] → ``dtype`` [*lead, *in, *out]."""
+    shape = w.q.shape
+    K = math.prod(shape[lead: lead + in_dims])
+    flat = fp8.Quantized(w.q.reshape(*shape[:lead], K, -1), w.scale)
+    return fp8.dequantize(flat, fp8.WEIGHT, dtype).reshape(shape)
 
 
 def project(x: jax.Array, kernel: jax.Array, in_dims: int, dtype: jnp.dtype,
@@ -93,7 +144,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.cfg
-        lin = dict(dtype=c.dtype, param_dtype=c.param_dtype, init_std=c.initializer_range)
+        lin = linear_args(c)
         gate = Linear((self.width,), ("embed", "mlp"), name="gate_proj", **lin)(x)
         up = Linear((self.width,), ("embed", "mlp"), name="up_proj", **lin)(x)
         h = logical(swiglu(gate, up), ("activation_batch", "activation_length", "activation_mlp"))

@@ -14,9 +14,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax import fp8
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kernels import grouped_matmul
-from dsv3_jax.layers import MLP, dtype_of, logical, normal_init, swiglu
+from dsv3_jax.layers import MLP, dequantize_weight, dtype_of, fp8_weight_param, logical, normal_init, swiglu
+
+Weight = jax.Array | fp8.Quantized  # expert weights [E, in, out]; Quantized when serving FP8 weights with fp8 on
 
 
 class Routing(NamedTuple):
@@ -74,10 +77,23 @@ def sequence_balance(scores: jax.Array, experts: jax.Array, cfg: ModelConfig) ->
     return (f * p).sum(-1).mean()
 
 
-def dispatch_ragged(x, routing, w_gate, w_up, w_down, impl="auto"):
+def expert_matmul(a: jax.Array, w: Weight, sizes: jax.Array, impl: str = "auto",
+                  fp8_pow2: bool | None = None) -> jax.Array:
+    """Rows a [M, k] grouped by expert (``sizes`` [E]) × w [E, k, n] → [M, n]: the grouped GEMM of the experts.
+
+    ``fp8_pow2`` None: :func:`grouped_matmul` in a's dtype. Else FP8 (REFERENCE §8; power-of-two scales if True).
+    """
+    if fp8_pow2 is None:
+        return grouped_matmul(a, w, sizes, impl)
+    return fp8.fp8_grouped_matmul(a, w, sizes, fp8_pow2)
+
+
+def dispatch_ragged(x: jax.Array, routing: Routing, w_gate: Weight, w_up: Weight, w_down: Weight,
+                    impl: str = "auto", fp8_pow2: bool | None = None) -> jax.Array:
     """Dropless MoE by sorting token copies by expert and grouped matmuls. x [N, d] → [N, d].
 
     Every token reaches all its K experts (no capacity, no dropping): N·K rows, grouped by expert id.
+    ``fp8_pow2`` not None: expert GEMMs in FP8 (REFERENCE §8) with power-of-two scales if True.
     """
     N, d = x.shape
     E = w_gate.shape[0]
@@ -86,19 +102,28 @@ def dispatch_ragged(x, routing, w_gate, w_up, w_down, impl="auto"):
     order = jnp.argsort(flat, stable=True)  # row j of the sorted batch is copy order[j]
     sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
     xs = jnp.take(x, order // K, axis=0)  # [N·K, d]
-    h = swiglu(grouped_matmul(xs, w_gate, sizes, impl), grouped_matmul(xs, w_up, sizes, impl))
-    ys = grouped_matmul(h, w_down, sizes, impl)  # [N·K, d]
+    h = swiglu(expert_matmul(xs, w_gate, sizes, impl, fp8_pow2), expert_matmul(xs, w_up, sizes, impl, fp8_pow2))
+    ys = expert_matmul(h, w_down, sizes, impl, fp8_pow2)  # [N·K, d]
     y = jnp.take(ys, jnp.argsort(order), axis=0).reshape(N, K, d)
     return jnp.einsum("nkd,nk->nd", y, routing.weights.astype(x.dtype), preferred_element_type=jnp.float32
                       ).astype(x.dtype)
 
 
-def dispatch_dense(x, routing, w_gate, w_up, w_down):
-    """Reference MoE: every expert on every token, combined by the sparse weights. x [N, d] → [N, d]."""
+def dispatch_dense(x: jax.Array, routing: Routing, w_gate: Weight, w_up: Weight, w_down: Weight,
+                   fp8_pow2: bool | None = None) -> jax.Array:
+    """Reference MoE: every expert on every token, combined by the sparse weights. x [N, d] → [N, d].
+
+    ``fp8_pow2`` not None: each expert's GEMMs through :func:`dsv3_jax.fp8.fp8_dot` (the grouped path's reference).
+    """
     E = w_gate.shape[0]
     dt = x.dtype
-    h = swiglu(jnp.einsum("nd,edf->enf", x, w_gate.astype(dt)), jnp.einsum("nd,edf->enf", x, w_up.astype(dt)))
-    y = jnp.einsum("enf,efd->end", h, w_down.astype(dt), preferred_element_type=jnp.float32)
+    if fp8_pow2 is None:
+        h = swiglu(jnp.einsum("nd,edf->enf", x, w_gate.astype(dt)), jnp.einsum("nd,edf->enf", x, w_up.astype(dt)))
+        y = jnp.einsum("enf,efd->end", h, w_down.astype(dt), preferred_element_type=jnp.float32)
+    else:
+        h = swiglu(jax.vmap(lambda w: fp8.fp8_dot(x, w, pow2=fp8_pow2))(w_gate),
+                   jax.vmap(lambda w: fp8.fp8_dot(x, w, pow2=fp8_pow2))(w_up))
+        y = jax.vmap(lambda a, w: fp8.fp8_dot(a, w, pow2=fp8_pow2, out_dtype=jnp.float32))(h, w_down)
     combine = jnp.zeros((x.shape[0], E), jnp.float32).at[
         jnp.arange(x.shape[0])[:, None], routing.experts].add(routing.weights)
     return jnp.einsum("end,ne->nd", y, combine).astype(dt)
@@ -110,7 +135,8 @@ _DISPATCH: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("moe
 
 @contextlib.contextmanager
 def dispatch_override(fn: Callable):
-    """Use ``fn(x, routing, w_gate, w_up, w_down) → y`` for routed experts while the context is active."""
+    """Use ``fn(x, routing, w_gate, w_up, w_down, fp8_pow2=...) → y`` for routed experts while the context is
+    active (``fp8_pow2`` as :func:`expert_matmul` takes it)."""
     token = _DISPATCH.set(fn)
     try:
         yield
@@ -138,19 +164,28 @@ class MoE(nn.Module):
                                  nn.with_logical_partitioning(nn.initializers.zeros, (None,)), None,
                                  (E,), jnp.float32).value
         init = normal_init(c.initializer_range)
-        w_gate = self.param("gate_proj", nn.with_logical_partitioning(init, ("exp", "embed", "moe_mlp")), (E, d, F), pdt)
-        w_up = self.param("up_proj", nn.with_logical_partitioning(init, ("exp", "embed", "moe_mlp")), (E, d, F), pdt)
-        w_down = self.param("down_proj", nn.with_logical_partitioning(init, ("exp", "moe_mlp", "embed")), (E, F, d), pdt)
+        shapes = {"gate_proj": ((E, d, F), ("exp", "embed", "moe_mlp")),
+                  "up_proj": ((E, d, F), ("exp", "embed", "moe_mlp")),
+                  "down_proj": ((E, F, d), ("exp", "moe_mlp", "embed"))}
+        if c.fp8_weights:  # E4M3 blocks + scale_inv per expert (serving an FP8 checkpoint)
+            ws = [fp8_weight_param(self, n, s, a, in_dims=1, lead=1) for n, (s, a) in shapes.items()]
+            if not c.fp8:  # weight-only FP8: dequantise per block on the fly, compute in dtype
+                ws = [dequantize_weight(w, 1, dtype_of(c.dtype), lead=1) for w in ws]
+        else:
+            ws = [self.param(n, nn.with_logical_partitioning(init, a), s, pdt) for n, (s, a) in shapes.items()]
+        w_gate, w_up, w_down = ws
+        fp8_pow2 = c.fp8_pow2_scales if c.fp8 else None
 
         xf = x.reshape(B * T, d)
         logits = jnp.dot(xf.astype(jnp.float32), gate_w.astype(jnp.float32))  # gate in f32 (REFERENCE §12)
         r = route(logits, bias, c)
         if (override := _DISPATCH.get()) is not None:
-            y = override(xf, r, w_gate, w_up, w_down)
+            y = override(xf, r, w_gate, w_up, w_down, fp8_pow2=fp8_pow2)
         elif c.moe_impl == "dense":
-            y = dispatch_dense(xf, r, w_gate, w_up, w_down)
+            y = dispatch_dense(xf, r, w_gate, w_up, w_down, fp8_pow2)
         else:
-            y = dispatch_ragged(xf, r, w_gate, w_up, w_down, "auto" if c.moe_impl == "ragged" else c.moe_impl)
+            y = dispatch_ragged(xf, r, w_gate, w_up, w_down, "auto" if c.moe_impl == "ragged" else c.moe_impl,
+                                fp8_pow2=fp8_pow2)
         y = y.reshape(B, T, d)
         if c.n_shared_experts:
             y = y + MLP(c, F * c.n_shared_experts, name="shared_experts")(x)

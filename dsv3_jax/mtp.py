@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from dsv3_jax.attention import LatentCache
 from dsv3_jax.block import Block
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import Linear, RMSNorm
+from dsv3_jax.layers import Linear, RMSNorm, linear_args
 
 
 def shift_tokens(tokens: jax.Array, k: int, pad_id: int = 0) -> jax.Array:
@@ -43,8 +43,8 @@ class MTPModule(nn.Module):
         e = RMSNorm(name="enorm", **norm)(emb_next)
         h = RMSNorm(name="hnorm", **norm)(h_prev)
         # Embedding first, hidden second — the checkpoint's order (REFERENCE §6).
-        x = Linear((c.hidden_size,), (None, "embed"), name="eh_proj", dtype=c.dtype, param_dtype=c.param_dtype,
-                   init_std=c.initializer_range)(jnp.concatenate([e, h], axis=-1))
+        x = Linear((c.hidden_size,), (None, "embed"), name="eh_proj", **linear_args(c))(
+            jnp.concatenate([e, h], axis=-1))
         moe = c.num_hidden_layers + self.depth - 1 >= c.first_k_dense_replace
         x, cache, aux = Block(c, moe=moe, absorbed=absorbed, name="block")(x, positions, cache)
         return x, RMSNorm(name="head_norm", **norm)(x), aux, cache

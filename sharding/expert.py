@@ -18,12 +18,11 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from dsv3_jax import moe
-from dsv3_jax.kernels import grouped_matmul
 from dsv3_jax.layers import swiglu
 from sharding.rules import BATCH_AXES
 
 
-def _local_experts(x, experts, weights, wg, wu, wd, *, num_experts: int, axis: str):
+def _local_experts(x, experts, weights, wg, wu, wd, *, num_experts: int, axis: str, fp8_pow2: bool | None):
     """Per expert shard: x [n, d], experts/weights [n, K], local expert weights [E/ep, ...] → [n, d]."""
     e_loc = wg.shape[0]
     xa = jax.lax.all_gather(x, axis, tiled=True)  # [ep·n, d]: every token of this expert group
@@ -36,14 +35,16 @@ def _local_experts(x, experts, weights, wg, wu, wd, *, num_experts: int, axis: s
     order = jnp.argsort(key, stable=True)
     sizes = jnp.bincount(key, length=e_loc + 1)[:e_loc].astype(jnp.int32)
     xs = jnp.take(xa, order // k, axis=0)
-    h = swiglu(grouped_matmul(xs, wg, sizes), grouped_matmul(xs, wu, sizes))
-    ys = jnp.take(grouped_matmul(h, wd, sizes), jnp.argsort(order), axis=0).reshape(m, k, -1)
+    mm = functools.partial(moe.expert_matmul, sizes=sizes, fp8_pow2=fp8_pow2)  # FP8 when the model asks
+    h = swiglu(mm(xs, wg), mm(xs, wu))
+    ys = jnp.take(mm(h, wd), jnp.argsort(order), axis=0).reshape(m, k, -1)
     ys = jnp.where(mine[..., None], ys, 0)
     y = jnp.einsum("mkd,mk->md", ys, jnp.where(mine, wa, 0).astype(ys.dtype), preferred_element_type=jnp.float32)
     return jax.lax.psum_scatter(y, axis, scatter_dimension=0, tiled=True).astype(x.dtype)
 
 
-def ep_dispatch(mesh: Mesh, x, routing: moe.Routing, w_gate, w_up, w_down, axis: str = "expert"):
+def ep_dispatch(mesh: Mesh, x, routing: moe.Routing, w_gate, w_up, w_down, axis: str = "expert",
+                fp8_pow2: bool | None = None):
     """Expert-parallel drop-in for :func:`dsv3_jax.moe.dispatch_ragged`. x [N, d] with N over the batch axes."""
     ep = mesh.shape[axis]
     E = w_gate.shape[0]
@@ -51,7 +52,7 @@ def ep_dispatch(mesh: Mesh, x, routing: moe.Routing, w_gate, w_up, w_down, axis:
         raise ValueError(f"{E} routed experts cannot be split over mesh.expert={ep}")
     tok = P(BATCH_AXES)
     fn = jax.shard_map(
-        functools.partial(_local_experts, num_experts=E, axis=axis),
+        functools.partial(_local_experts, num_experts=E, axis=axis, fp8_pow2=fp8_pow2),
         mesh=mesh,
         in_specs=(tok, tok, tok, P(axis), P(axis), P(axis)),
         out_specs=tok,
