@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--breakdown", action="store_true",
                     help="also time the forward loss and forward+backward alone (optimizer = step − fwd+bwd)")
+    ap.add_argument("--profile", help="trace 3 steps into this directory and print device time per kernel")
     ap.add_argument("--json")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
@@ -90,6 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     fpt = flops_per_token(m, seq)
     peak = peak_flops()
     mfu = tps * fpt / peak if peak else None
+    if a.profile:
+        from bench.profile_summary import summarise
+
+        jax.profiler.start_trace(a.profile, create_perfetto_trace=True)
+        for _ in range(3):
+            state, met = train_step(state, tokens, cfg)
+            jax.block_until_ready(met["loss"])
+        jax.profiler.stop_trace()
+        rows = summarise(a.profile, steps=3, top=40)
+        print("PROFILE top kernels (ms/step, calls/step):")
+        for n, ms, c in rows:
+            print(f"PROFILE {ms:8.2f} {c:5d}  {n[:150]}")
     parts = {}
     if a.breakdown:
         from dsv3_jax.model import Transformer

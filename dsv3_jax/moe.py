@@ -50,7 +50,7 @@ def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig) -> Routin
         else:
             group_score = grouped.max(-1)
         _, keep = jax.lax.top_k(group_score, cfg.topk_group)  # [N, topk_group]
-        group_mask = jnp.zeros((N, G), bool).at[jnp.arange(N)[:, None], keep].set(True)
+        group_mask = jax.nn.one_hot(keep, G, dtype=jnp.int32).sum(1) > 0  # [N, G]
         sel = jnp.where(jnp.repeat(group_mask, E // G, axis=1), sel, -jnp.inf)
     _, experts = jax.lax.top_k(sel, K)
     weights = jnp.take_along_axis(scores, experts, axis=-1)
@@ -60,8 +60,8 @@ def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig) -> Routin
 
 
 def expert_load(experts: jax.Array, num_experts: int) -> jax.Array:
-    """Tokens routed to each expert [E] float32 from expert ids [..., K]."""
-    return jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(1.0)
+    """Tokens routed to each expert [E] float32 from expert ids [..., K] (a one-hot sum: no scatter)."""
+    return jax.nn.one_hot(experts.reshape(-1), num_experts, dtype=jnp.float32).sum(0)
 
 
 def sequence_balance(scores: jax.Array, experts: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -88,6 +88,33 @@ def expert_matmul(a: jax.Array, w: Weight, sizes: jax.Array, impl: str = "auto",
     return fp8.fp8_grouped_matmul(a, w, sizes, fp8_pow2)
 
 
+@jax.custom_vjp
+def permute_rows(x: jax.Array, perm: jax.Array, inverse: jax.Array) -> jax.Array:
+    """``x[perm]`` for a permutation ``perm`` (with ``inverse`` = argsort(perm)): the backward pass is a gather
+    by ``inverse`` instead of the scatter-add autodiff would emit (scatters are slow on GPUs)."""
+    return jnp.take(x, perm, axis=0)
+
+
+def _permute_fwd(x, perm, inverse):
+    return jnp.take(x, perm, axis=0), (perm, inverse)
+
+
+def _permute_bwd(res, dy):
+    perm, inverse = res
+    return jnp.take(dy, inverse, axis=0), None, None
+
+
+permute_rows.defvjp(_permute_fwd, _permute_bwd)
+
+
+def sort_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Copies [N, K] → (order: sorted position → copy index, inverse, group sizes [E]) — no scatter."""
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    bounds = jnp.searchsorted(jnp.take(flat, order), jnp.arange(num_experts + 1), side="left")
+    return order, jnp.argsort(order), jnp.diff(bounds).astype(jnp.int32)
+
+
 def dispatch_ragged(x: jax.Array, routing: Routing, w_gate: Weight, w_up: Weight, w_down: Weight,
                     impl: str = "auto", fp8_pow2: bool | None = None) -> jax.Array:
     """Dropless MoE by sorting token copies by expert and grouped matmuls. x [N, d] → [N, d].
@@ -98,13 +125,12 @@ def dispatch_ragged(x: jax.Array, routing: Routing, w_gate: Weight, w_up: Weight
     N, d = x.shape
     E = w_gate.shape[0]
     K = routing.experts.shape[1]
-    flat = routing.experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)  # row j of the sorted batch is copy order[j]
-    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-    xs = jnp.take(x, order // K, axis=0)  # [N·K, d]
+    order, inverse, sizes = sort_by_expert(routing.experts, E)  # row j of the sorted batch is copy order[j]
+    copies = jnp.broadcast_to(x[:, None], (N, K, d)).reshape(N * K, d)  # backward: a sum over K
+    xs = permute_rows(copies, order, inverse)  # [N·K, d]
     h = swiglu(expert_matmul(xs, w_gate, sizes, impl, fp8_pow2), expert_matmul(xs, w_up, sizes, impl, fp8_pow2))
     ys = expert_matmul(h, w_down, sizes, impl, fp8_pow2)  # [N·K, d]
-    y = jnp.take(ys, jnp.argsort(order), axis=0).reshape(N, K, d)
+    y = permute_rows(ys, inverse, order).reshape(N, K, d)
     return jnp.einsum("nkd,nk->nd", y, routing.weights.astype(x.dtype), preferred_element_type=jnp.float32
                       ).astype(x.dtype)
 

@@ -31,13 +31,14 @@ def _local_experts(x, experts, weights, wg, wu, wd, *, num_experts: int, axis: s
     m, k = ea.shape
     local = ea - jax.lax.axis_index(axis) * e_loc
     mine = (local >= 0) & (local < e_loc)
-    key = jnp.where(mine, local, e_loc).reshape(-1)  # other shards' copies sort last and are not computed
-    order = jnp.argsort(key, stable=True)
-    sizes = jnp.bincount(key, length=e_loc + 1)[:e_loc].astype(jnp.int32)
-    xs = jnp.take(xa, order // k, axis=0)
+    key = jnp.where(mine, local, e_loc)  # other shards' copies sort last (group e_loc) and are not computed
+    order, inverse, sizes = moe.sort_by_expert(key, e_loc + 1)
+    sizes = sizes[:e_loc]
+    copies = jnp.broadcast_to(xa[:, None], (m, k, xa.shape[-1])).reshape(m * k, -1)
+    xs = moe.permute_rows(copies, order, inverse)
     mm = functools.partial(moe.expert_matmul, sizes=sizes, fp8_pow2=fp8_pow2)  # FP8 when the model asks
     h = swiglu(mm(xs, wg), mm(xs, wu))
-    ys = jnp.take(mm(h, wd), jnp.argsort(order), axis=0).reshape(m, k, -1)
+    ys = moe.permute_rows(mm(h, wd), inverse, order).reshape(m, k, -1)
     ys = jnp.where(mine[..., None], ys, 0)
     y = jnp.einsum("mkd,mk->md", ys, jnp.where(mine, wa, 0).astype(ys.dtype), preferred_element_type=jnp.float32)
     return jax.lax.psum_scatter(y, axis, scatter_dimension=0, tiled=True).astype(x.dtype)

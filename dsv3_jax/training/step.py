@@ -8,6 +8,7 @@ the batch is sharded over data-parallel replicas XLA adds the cross-replica sum 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -154,6 +155,11 @@ def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_c
     return params, router, opt_state, rng, metrics
 
 
+def training_model_config(cfg: Config) -> ModelConfig:
+    """The model as the step runs it: ``train.precision: fp8`` switches the recipe's GEMMs to FP8 (REFERENCE §8)."""
+    return dataclasses.replace(cfg.model, fp8=cfg.train.precision == "fp8")
+
+
 def train_step(state: TrainState, tokens: np.ndarray, cfg: Config) -> tuple[TrainState, dict[str, Any]]:
     """One optimiser step on ``tokens [n, mb, T+1]`` (n micro-batches). Donates ``state``'s device buffers.
 
@@ -164,7 +170,8 @@ def train_step(state: TrainState, tokens: np.ndarray, cfg: Config) -> tuple[Trai
     n, mb, t1 = tokens.shape
     params, router, opt_state, rng, metrics = _train_core(
         state.params, state.router, state.opt_state, state.rng, jnp.asarray(tokens, jnp.int32), hyper,
-        model_cfg=cfg.model, opt=optim.OptimSettings.from_train(cfg.train), balance_alpha=cfg.train.balance_alpha)
+        model_cfg=training_model_config(cfg), opt=optim.OptimSettings.from_train(cfg.train),
+        balance_alpha=cfg.train.balance_alpha)
     step_tokens = n * mb * (t1 - 1)
     metrics = dict(metrics, lr=hyper.lr, mtp_lambda=hyper.mtp_lambda, tokens=step_tokens)
     return TrainState(params, router, opt_state, np.int64(step + 1), np.int64(seen + step_tokens), rng), metrics
