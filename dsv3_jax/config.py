@@ -201,14 +201,16 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh axis sizes (product must divide the device count; 1 = axis unused)."""
+    """Device mesh axis sizes. The product must divide the device count (the first devices are used);
+    ``data: -1`` takes all remaining devices. All 1 (the default) = one device, no mesh code in the step."""
 
     pipeline: int = 1
-    data: int = -1  # -1: whatever devices remain
+    data: int = 1
     expert: int = 1
     fsdp: int = 1
     tensor: int = 1
     pipeline_microbatches: int = 0  # micro-batches per step through the pipeline; 0 = 2 × pipeline stages
+    zero1: bool = True  # shard optimizer state over `data` (ZeRO-1); false = replicate it like the params
 
 
 @dataclasses.dataclass(frozen=True)

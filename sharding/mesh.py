@@ -29,9 +29,9 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
             raise ConfigError(f"mesh {sizes}: fixed axes multiply to {fixed}, which does not divide the "
                               f"{num_devices} devices")
         sizes[free[0]] = num_devices // fixed
-    if math.prod(sizes.values()) != num_devices:
-        raise ConfigError(f"mesh {sizes} has {math.prod(sizes.values())} devices but {num_devices} are "
-                          f"available; make the product of the axis sizes equal the device count")
+    if num_devices % math.prod(sizes.values()):
+        raise ConfigError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, which does not divide the "
+                          f"{num_devices} available; choose axis sizes whose product divides the device count")
     return sizes
 
 
@@ -39,6 +39,7 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
     """A Mesh with axes ``AXES`` (size-1 axes included, so specs can always name every axis)."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = mesh_shape(cfg or MeshConfig(), len(devices))
+    devices = devices[: math.prod(sizes.values())]
     shape = tuple(sizes[a] for a in AXES)
     # Auto axes: XLA's partitioner propagates shardings from params, inputs and logical constraints.
     auto = (jax.sharding.AxisType.Auto,) * len(AXES)

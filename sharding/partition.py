@@ -49,6 +49,42 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, batch_spec(ndim))
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def microbatch_sharding(mesh: Mesh) -> NamedSharding:
+    """Tokens [n_micro, B, T+1]: the batch dim over the batch axes."""
+    return NamedSharding(mesh, P(None, *batch_spec(2)))
+
+
+def state_shardings(params, router, opt_state, cfg: ModelConfig, mesh: Mesh, zero1: bool = True):
+    """Shardings for (params, router, opt_state): params/router from the rules table; optimizer-state subtrees
+    shaped like the params get the params' shardings, plus ``data`` under ZeRO-1; other leaves replicated."""
+    var = variable_shardings(cfg, mesh)
+    p_sh, r_sh = var["params"], var.get("router", {})
+    p_def = jax.tree.structure(params)
+    replicated = NamedSharding(mesh, P())
+
+    def opt_tree(node):
+        if jax.tree.structure(node) == p_def:
+            return jax.tree.map(lambda s, x: zero1_sharding(s, x.shape) if zero1 else s, p_sh, node)
+        return None
+
+    def walk(node):
+        sub = opt_tree(node)
+        if sub is not None:
+            return sub
+        if isinstance(node, (tuple, list)) or (hasattr(node, "_fields") and isinstance(node, tuple)):
+            children = [walk(c) for c in node]
+            return type(node)(*children) if hasattr(node, "_fields") else type(node)(children)
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        return jax.tree.map(lambda _: replicated, node)
+
+    return p_sh, r_sh, walk(opt_state)
+
+
 @contextlib.contextmanager
 def parallel_context(mesh: Mesh, pipeline_microbatches: int = 0):
     """Trace model code under ``mesh``: logical constraints resolve through the rules table, MoE layers

@@ -25,7 +25,7 @@ from typing import Any, Protocol, Self
 import jax
 import numpy as np
 
-from dsv3_jax.config import Config, save_config
+from dsv3_jax.config import Config, ConfigError, save_config
 from dsv3_jax.training import metrics as metrics_lib
 from dsv3_jax.training.checkpoint import Checkpointer
 from dsv3_jax.training.optim import micro_batch_size, num_micro_batches
@@ -85,6 +85,22 @@ def _next_batch(it: Iterator, n: int, mb: int, seq_len: int) -> np.ndarray:
     return np.stack(batches).astype(np.int32)
 
 
+def build_mesh(cfg: Config):
+    """The run's device mesh, or None for a single device (mesh axes all 1)."""
+    from sharding.mesh import make_mesh, mesh_shape
+
+    sizes = mesh_shape(cfg.mesh, jax.device_count())
+    if math.prod(sizes.values()) == 1:
+        return None
+    mesh = make_mesh(cfg.mesh)
+    per_step = cfg.train.micro_batch_size or cfg.train.global_batch_size
+    split = math.prod(sizes[a] for a in ("data", "fsdp", "expert"))
+    if per_step % split:
+        raise ConfigError(f"micro-batch of {per_step} sequences cannot be split over data×fsdp×expert = {split} "
+                          f"devices; choose train.global_batch_size / train.micro_batch_size divisible by {split}")
+    return mesh
+
+
 def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
           make_eval_iter: Callable[[int], Iterator] | None = None) -> RunResult:
     """Train ``cfg`` to ``train.steps`` steps in ``cfg.run_dir`` (resuming if it holds a checkpoint).
@@ -106,8 +122,9 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
     except Exception:
         ckpt.close()
         raise
-    state = init_state(cfg)
-    if ckpt.latest_step() is not None:
+    mesh = build_mesh(cfg)
+    state = init_state(cfg, mesh=mesh)
+    if ckpt.latest_step() is not None:  # restores onto this run's mesh, whatever mesh saved it
         state, data_state = ckpt.restore(state)
         if data_state is not None:
             it.set_state(data_state)
@@ -126,7 +143,7 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
                 n = num_micro_batches(t, int(state.tokens_seen))
                 batch = _next_batch(it, n, mb, seq_len)
                 prev_step = int(state.step)
-                state, m = train_step(state, batch, cfg)
+                state, m = train_step(state, batch, cfg, mesh)
                 if not bool(m["finite"]):  # waits for the step; cheap next to a real step
                     m = jax.device_get(m)
                     last = ckpt.latest_step()
@@ -148,7 +165,7 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
                     if eval_batches is None:  # the same held-out batches every time: comparable numbers
                         eval_it = make_eval_iter(mb)
                         eval_batches = [np.asarray(next(eval_it)["tokens"]) for _ in range(t.eval_batches)]
-                    el = eval_loss(state, eval_batches, cfg)
+                    el = eval_loss(state, eval_batches, cfg, mesh)
                     evaluated = {"eval_loss": el, "eval_ppl": math.exp(min(el, 700.0))}
                     progress.message(f"step {step}: eval_loss {el:.4f} (ppl {evaluated['eval_ppl']:.2f})")
 

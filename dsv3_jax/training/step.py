@@ -8,6 +8,7 @@ the batch is sharded over data-parallel replicas XLA adds the cross-replica sum 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, NamedTuple
@@ -58,23 +59,37 @@ def schedule(t: TrainConfig, step: int, tokens: int) -> Hyper:
                  np.float32(optim.bias_update_speed(t, tokens)))
 
 
-def init_state(cfg: Config, seed: int | None = None) -> TrainState:
-    """Fresh state: model init from ``train.seed``; params promoted to float32 (master weights)."""
+def init_state(cfg: Config, seed: int | None = None, mesh: Any = None) -> TrainState:
+    """Fresh state: model init from ``train.seed``; params promoted to float32 (master weights).
+
+    With a ``mesh`` every leaf is created directly in its sharding (params by the rules table, optimizer state
+    ZeRO-1 over ``data``), never whole on one device.
+    """
     seed = cfg.train.seed if seed is None else seed
     # Init draws from an RBG key: its compiled init is ~2x faster to build than threefry's (one counter-based
     # bit generator instead of unrolled threefry rounds per parameter) and it is the usual choice for big
-    # sharded inits. Jitted, because eager init of the scanned stacks runs op by op (and jit is where the
-    # parameter shardings will go).
+    # sharded inits.
     init_key = jax.random.key(seed, impl="rbg")
     train_key = jax.random.fold_in(jax.random.key(seed), 1)
-    variables = jax.jit(init_variables, static_argnums=0)(cfg.model, init_key)
-    params = jax.tree.map(lambda p: p.astype(jnp.float32), variables["params"])
-    router = variables.get("router", {})
-    opt_state = optim.make_optimizer(optim.OptimSettings.from_train(cfg.train)).init(params)
-    # Committed to the device like restored arrays are: the jit cache keys on committedness, so a fresh and
-    # a restored state share one compiled step.
-    params, router, opt_state, rng = jax.device_put((params, router, opt_state, jax.random.key_data(train_key)),
-                                                    jax.devices()[0])
+    opt = optim.make_optimizer(optim.OptimSettings.from_train(cfg.train))
+
+    def make(key):
+        variables = init_variables(cfg.model, key)
+        params = jax.tree.map(lambda p: p.astype(jnp.float32), variables["params"])
+        return params, variables.get("router", {}), opt.init(params)
+
+    if mesh is None:
+        # Committed to the device like restored arrays are: the jit cache keys on committedness, so a fresh
+        # and a restored state share one compiled step.
+        out = jax.device_put(jax.jit(make)(init_key), jax.devices()[0])
+        rng = jax.device_put(jax.random.key_data(train_key), jax.devices()[0])
+    else:
+        from sharding.partition import replicated, state_shardings
+
+        p, r, o = jax.eval_shape(make, init_key)
+        out = jax.jit(make, out_shardings=state_shardings(p, r, o, cfg.model, mesh, cfg.mesh.zero1))(init_key)
+        rng = jax.device_put(jax.random.key_data(train_key), replicated(mesh))
+    params, router, opt_state = out
     return TrainState(params, router, opt_state, np.int64(0), np.int64(0), rng)
 
 
@@ -160,18 +175,39 @@ def training_model_config(cfg: Config) -> ModelConfig:
     return dataclasses.replace(cfg.model, fp8=cfg.train.precision == "fp8")
 
 
-def train_step(state: TrainState, tokens: np.ndarray, cfg: Config) -> tuple[TrainState, dict[str, Any]]:
+def _on_mesh(mesh: Any, cfg: Config):
+    """The context a step is traced in: nothing on one device, the parallel strategies on a mesh."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    from sharding.partition import parallel_context
+
+    return parallel_context(mesh, cfg.mesh.pipeline_microbatches)
+
+
+def train_step(state: TrainState, tokens: np.ndarray, cfg: Config, mesh: Any = None
+               ) -> tuple[TrainState, dict[str, Any]]:
     """One optimiser step on ``tokens [n, mb, T+1]`` (n micro-batches). Donates ``state``'s device buffers.
 
+    With a ``mesh`` (from :func:`sharding.mesh.make_mesh`) the batch is split over its batch axes and the step
+    runs expert/pipeline/data parallel; the state keeps the shardings it came with.
     Returns the new state and metrics as device arrays (fetch them only when needed: it waits for the step).
     """
     step, seen = int(state.step), int(state.tokens_seen)
     hyper = schedule(cfg.train, step, seen)
     n, mb, t1 = tokens.shape
-    params, router, opt_state, rng, metrics = _train_core(
-        state.params, state.router, state.opt_state, state.rng, jnp.asarray(tokens, jnp.int32), hyper,
-        model_cfg=training_model_config(cfg), opt=optim.OptimSettings.from_train(cfg.train),
-        balance_alpha=cfg.train.balance_alpha)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if mesh is not None:
+        from sharding.partition import microbatch_sharding
+
+        tokens = jax.device_put(tokens, microbatch_sharding(mesh))
+        keep = jax.tree.map(lambda x: x.sharding, (state.params, state.router, state.opt_state, state.rng))
+    with _on_mesh(mesh, cfg):
+        params, router, opt_state, rng, metrics = _train_core(
+            state.params, state.router, state.opt_state, state.rng, tokens, hyper,
+            model_cfg=training_model_config(cfg), opt=optim.OptimSettings.from_train(cfg.train),
+            balance_alpha=cfg.train.balance_alpha)
+    if mesh is not None:  # a no-op when the partitioner kept them in place
+        params, router, opt_state, rng = jax.device_put((params, router, opt_state, rng), keep)
     step_tokens = n * mb * (t1 - 1)
     metrics = dict(metrics, lr=hyper.lr, mtp_lambda=hyper.mtp_lambda, tokens=step_tokens)
     return TrainState(params, router, opt_state, np.int64(step + 1), np.int64(seen + step_tokens), rng), metrics
@@ -183,10 +219,15 @@ def _eval_core(params, router, tokens, *, model_cfg: ModelConfig):
     return cross_entropy(out.logits, tokens[:, 1:])
 
 
-def eval_loss(state: TrainState, batches: Any, cfg: Config) -> float:
+def eval_loss(state: TrainState, batches: Any, cfg: Config, mesh: Any = None) -> float:
     """Mean next-token CE of the main head over ``batches`` (an iterable of tokens [B, T+1])."""
-    losses = [_eval_core(state.params, state.router, jnp.asarray(b, jnp.int32), model_cfg=cfg.model)
-              for b in batches]
+    put = (lambda b: jnp.asarray(b, jnp.int32))
+    if mesh is not None:
+        from sharding.partition import batch_sharding
+
+        put = (lambda b: jax.device_put(jnp.asarray(b, jnp.int32), batch_sharding(mesh)))
+    with _on_mesh(mesh, cfg):
+        losses = [_eval_core(state.params, state.router, put(b), model_cfg=cfg.model) for b in batches]
     if not losses:
         raise ValueError("eval_loss: no evaluation batches")
     return float(np.mean(jax.device_get(losses)))
