@@ -393,18 +393,35 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, cls: type) -> Non
         node, node_cls = node[p], sub_cls
 
 
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a dict; ``base: other.yaml`` (relative to the file) is loaded first and overlaid."""
+    if not p.exists():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    if p.resolve() in seen:
+        raise ConfigError(f"{p}: 'base' chain loops back to itself")
+    loaded = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    return _merge(_read_yaml(p.parent / base, (*seen, p.resolve())), loaded)
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (),
                 cls: type[T] = Config) -> T:
-    """Load a YAML config and apply ``key=value`` overrides (values parsed as YAML scalars)."""
+    """Load a YAML config (optionally ``base:``-derived from another) and apply ``key=value`` overrides
+    (values parsed as YAML scalars)."""
     tree: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
-        tree = loaded
+        tree = _read_yaml(Path(path))
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like key=value (e.g. train.steps=50)")

@@ -14,7 +14,8 @@ from dsv3_jax.config import (Config, ConfigError, ModelConfig, load_config, mode
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["tiny", "bench_1gpu", "deepseek_v3_671b"])
+@pytest.mark.parametrize("name", ["tiny", "bench_1gpu", "deepseek_v3_671b", "deepseek_v3_671b_ext32k",
+                                  "deepseek_v3_671b_ext128k"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert isinstance(cfg, Config) and isinstance(cfg.model, ModelConfig)
@@ -81,3 +82,24 @@ def test_hf_transformers5_rope_parameters():
                                "beta_fast": 32, "beta_slow": 1, "rope_theta": 50000.0}
     m = model_config_from_hf(base)
     assert m.rope_theta == 50000.0 and m.rope_scaling.factor == 40.0 and m.rope_scaling.mscale is None
+
+
+def test_context_extension_stages_follow_the_report():
+    from dsv3_jax.training.optim import learning_rate
+
+    base = load_config(CONFIGS / "deepseek_v3_671b.yaml")
+    for name, seq, batch in (("ext32k", 32768, 1920), ("ext128k", 131072, 480)):
+        c = load_config(CONFIGS / f"deepseek_v3_671b_{name}.yaml")
+        assert (c.data.seq_len, c.train.global_batch_size, c.train.steps) == (seq, batch, 1000)
+        assert c.model == base.model  # same architecture and YaRN (s=40, β=32, α=1) as the base
+        assert learning_rate(c.train, 0, 0) == learning_rate(c.train, 999, 10 ** 13) == pytest.approx(7.3e-6)
+
+
+def test_base_chain(tmp_path):
+    (tmp_path / "a.yaml").write_text("train: {steps: 5, lr: 0.5}\nrun_dir: x\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain: {steps: 7}\n")
+    c = load_config(tmp_path / "b.yaml")
+    assert (c.train.steps, c.train.lr, c.run_dir) == (7, 0.5, "x")
+    (tmp_path / "c.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "c.yaml")
