@@ -17,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from dsv3_jax.kernels import causal_attention, grouped_matmul  # noqa: E402
-from dsv3_jax.kernels._backend import IMPORT_ERRORS, on_gpu, tokamax  # noqa: E402
+from dsv3_jax.kernels import causal_attention, grouped_matmul
+from dsv3_jax.kernels._backend import IMPORT_ERRORS, on_gpu, tokamax
 
 
 def bench(fn, *args, iters: int = 20) -> float:

@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from dsv3_jax.config import ModelConfig, load_config  # noqa: E402
+from dsv3_jax.config import ModelConfig, load_config
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12}
 

@@ -32,7 +32,7 @@ class LatentCache(NamedTuple):
     k_rope: jax.Array
 
     @staticmethod
-    def init(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> "LatentCache":
+    def init(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> LatentCache:
         dt = dtype_of(dtype or cfg.dtype)
         return LatentCache(jnp.zeros((batch, max_len, cfg.kv_lora_rank), dt),
                            jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dt))

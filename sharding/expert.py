@@ -15,7 +15,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from dsv3_jax import moe
 from dsv3_jax.layers import swiglu

@@ -7,7 +7,8 @@ import math
 
 import flax.linen as nn
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import Transformer

@@ -18,7 +18,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.block import apply_block, moe_stack_override
 from dsv3_jax.config import ModelConfig

@@ -27,20 +27,19 @@ Per fixture directory:
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import os
 import shutil
 import sys
 import zipfile
-import io
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
-
 import transformers
+from safetensors.torch import save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3DecoderLayer,

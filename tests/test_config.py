@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from dsv3_jax.config import (Config, ConfigError, ModelConfig, load_config, model_config_from_hf,
-                             model_config_to_hf, save_config)
+from dsv3_jax.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    load_config,
+    model_config_from_hf,
+    model_config_to_hf,
+    save_config,
+)
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

@@ -87,7 +87,7 @@ class Tokenizer:
             raise DataError(f"data.tokenizer={str(path)!r}: no such file (expected a Hugging Face tokenizer.json)")
         try:
             hf = tokenizers.Tokenizer.from_file(str(p))
-        except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception
+        except Exception as e:
             raise DataError(f"data.tokenizer={str(path)!r}: not a Hugging Face tokenizer.json ({e})") from None
         return cls(hf, str(p))
 
