@@ -126,8 +126,7 @@ def _leaf(tree: dict, path: tuple[str, ...]):
 
 def _slot_shape(slot: Slot, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of one HF tensor's slice of the leaf (stack and expert axes removed), in our layout."""
-    shape = leaf_shape[(slot.layer is not None) + (slot.expert is not None):]
-    return shape
+    return leaf_shape[(slot.layer is not None) + (slot.expert is not None):]
 
 
 def _hf_shape(slot: Slot, ours: tuple[int, ...]) -> tuple[int, ...]:

@@ -252,14 +252,20 @@ def test_grouped_fp8_equals_per_group_fp8_and_grads_are_close():
     assert rel(y, exact) < 0.06
 
 
-def test_fp8_moe_ragged_dispatch_equals_dense():
+def _random_moe(seed: int, n_tokens: int):
+    """Tokens x [N, d], expert weights (gate, up, down) and a routing for the tiny config, from one seed."""
     cfg = tiny_config()
-    rng = np.random.default_rng(12)
-    N, d, E, F = 20, cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
-    x = jnp.asarray(rng.normal(size=(N, d)), jnp.float32)
+    rng = np.random.default_rng(seed)
+    d, E, F = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+    x = jnp.asarray(rng.normal(size=(n_tokens, d)), jnp.float32)
     wg, wu = (jnp.asarray(rng.normal(size=(E, d, F)) * 0.2, jnp.float32) for _ in range(2))
     wd = jnp.asarray(rng.normal(size=(E, F, d)) * 0.2, jnp.float32)
-    r = moe.route(jnp.asarray(rng.normal(size=(N, E)), jnp.float32), None, cfg)
+    r = moe.route(jnp.asarray(rng.normal(size=(n_tokens, E)), jnp.float32), None, cfg)
+    return x, wg, wu, wd, r
+
+
+def test_fp8_moe_ragged_dispatch_equals_dense():
+    x, wg, wu, wd, r = _random_moe(12, 20)
     ragged = lambda x, w: moe.dispatch_ragged(x, r, w, wu, wd, fp8_pow2=False)
     dense = lambda x, w: moe.dispatch_dense(x, r, w, wu, wd, fp8_pow2=False)
     a, b = jax.jit(ragged)(x, wg), jax.jit(dense)(x, wg)
@@ -274,14 +280,8 @@ def test_fp8_moe_ragged_dispatch_equals_dense():
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 def test_expert_parallel_fp8_equals_one_device():
     """sharding/expert.py runs the same FP8 expert GEMMs per shard (row tiles and expert blocks are local)."""
-    cfg = tiny_config()
     mesh = make_mesh(MeshConfig(data=1, expert=8))
-    rng = np.random.default_rng(15)
-    N, d, E, F = 64, cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
-    x = jnp.asarray(rng.normal(size=(N, d)), jnp.float32)
-    wg, wu = (jnp.asarray(rng.normal(size=(E, d, F)) * 0.2, jnp.float32) for _ in range(2))
-    wd = jnp.asarray(rng.normal(size=(E, F, d)) * 0.2, jnp.float32)
-    r = moe.route(jnp.asarray(rng.normal(size=(N, E)), jnp.float32), None, cfg)
+    x, wg, wu, wd, r = _random_moe(15, 64)
     ref = jax.jit(lambda *a: moe.dispatch_ragged(*a, fp8_pow2=False))(x, r, wg, wu, wd)
     with jax.set_mesh(mesh):
         y = jax.jit(lambda *a: ep_dispatch(mesh, *a, fp8_pow2=False))(x, r, wg, wu, wd)
