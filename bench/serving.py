@@ -22,11 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _timed_step(engine, n: int, reps: int = 20) -> float:
@@ -54,6 +58,7 @@ def main() -> None:
     ap.add_argument("--decode-chunk", type=int, default=1, help="decode steps per device call")
     ap.add_argument("--speculative", action="store_true")
     ap.add_argument("--json", help="write the result rows here")
+    ap.add_argument("--profile", help="trace 5 decode calls of the first batch size here; print time per kernel")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. model.param_dtype=bfloat16")
     args = ap.parse_args()
 
@@ -106,6 +111,16 @@ def main() -> None:
         if not args.speculative:
             step = _timed_step(engine, args.decode_chunk)
             row["device_ms_per_token_step"] = 1e3 * step / args.decode_chunk
+            if args.profile and not rows:
+                from bench.profile_summary import summarise
+
+                jax.profiler.start_trace(args.profile, create_perfetto_trace=True)
+                _timed_step(engine, args.decode_chunk, reps=5)
+                jax.profiler.stop_trace()
+                steps = 6 * args.decode_chunk  # _timed_step runs 1 + reps calls
+                print(f"PROFILE batch {n}: device ms per decode token by kernel (calls per token)")
+                for name, ms, calls in summarise(args.profile, steps=steps, top=30):
+                    print(f"PROFILE {ms:7.3f} {calls:4d}  {name[:140]}")
         if n == 1:
             row["roofline_tokens_per_s"] = roofline
             row["pct_roofline"] = 100 * tps / roofline
