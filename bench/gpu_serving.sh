@@ -15,7 +15,7 @@ run() { local name=$1; shift; timeout "${LIMIT:-200}" python3 bench/serving.py $
   2>&1 | grep -v -E "Autotuning cache miss|^WARNING:absl" | tee "$OUT/$name.log" | grep -E "RESULT|device|Error"; }
 run serve_chunk8 --batches 1,32,64 --decode-chunk 8 $M
 run serve_chunk1 --batches 1 --decode-chunk 1 $M
-run serve_chunk8_ragged --batches 1 --decode-chunk 8 $M model.moe_impl=ragged
+run serve_chunk8_p2048 --batches 32 --decode-chunk 8 --prompt-len 2048 $M
 if [ -z "${SKIP_PEER:-}" ]; then
   for b in 1 32 64; do timeout 120 python3 .peers/hf_peer_decode.py 6 $b 512 128 2>&1 | tee "$OUT/hf_decode_$b.log" \
     | grep -E "RESULT|Error"; done
