@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+
+from dsv3_jax.kernels import grouped_matmul
+from dsv3_jax.kernels._backend import on_gpu
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
@@ -137,6 +141,30 @@ def dequantize(x: Quantized, block: tuple[int, int] = TILE, dtype: jnp.dtype = j
     return (x.q.astype(jnp.float32) * s).astype(dtype)
 
 
+def dequant_gemm() -> bool:
+    """Whether the FP8 GEMMs run as "dequantise the FP8 tiles to BF16, one BF16 tensor-core GEMM with FP32
+    accumulation" instead of the exact per-chunk emulation: on a GPU by default (``DSV3_FP8_GEMM=emulate``
+    forces the emulation, ``=dequant`` the fast path anywhere).
+
+    Same quantisation error as the recipe (the dominant one); the sum runs in FP32 over all of K at once
+    (at least as accurate as promotion every 128), and a non-power-of-two scale adds one BF16 rounding of each
+    dequantised operand (2⁻⁹ relative, next to E4M3's 2⁻⁴). Not faster than BF16: it stands in until a Hopper
+    block-scaled FP8 kernel exists, so FP8 runs train at BF16-like speed with FP8 numerics.
+    """
+    mode = os.environ.get("DSV3_FP8_GEMM", "auto")
+    if mode not in ("auto", "emulate", "dequant"):
+        raise ValueError(f"DSV3_FP8_GEMM={mode!r}: expected auto, emulate or dequant")
+    return mode == "dequant" or (mode == "auto" and on_gpu())
+
+
+def _dequant_operands(a_q, a_scale, b_q, b_scale):
+    """(a [M, K], b [..., K, N]) in BF16 from FP8 tiles: a per row per K chunk, b per K chunk per column."""
+    K = a_q.shape[1]
+    a = a_q.astype(jnp.float32) * jnp.repeat(a_scale, BLOCK, axis=-1)[:, :K]
+    b = b_q.astype(jnp.float32) * jnp.repeat(b_scale, BLOCK, axis=-2)[..., :K, :]
+    return a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+
+
 def chunked_dot(a_q: jax.Array, a_scale: jax.Array, b_q: jax.Array, b_scale: jax.Array) -> jax.Array:
     """FP8 GEMM with FP32 promotion every 128 of K (the DeepGEMM math). → float32 [M, N].
 
@@ -148,6 +176,9 @@ def chunked_dot(a_q: jax.Array, a_scale: jax.Array, b_q: jax.Array, b_scale: jax
     N = b_q.shape[1]
     Kb = -(-K // BLOCK)
     assert a_scale.shape == (M, Kb) and b_scale.shape == (Kb, N), (a_scale.shape, b_scale.shape, M, K, N)
+    if dequant_gemm():
+        a, b = _dequant_operands(a_q, a_scale, b_q, b_scale)
+        return jnp.dot(a, b, preferred_element_type=jnp.float32)
     a = _pad_last2(a_q.astype(jnp.float32), M, Kb * BLOCK).reshape(M, Kb, BLOCK).transpose(1, 0, 2)
     b = jnp.pad(b_q.astype(jnp.float32), ((0, Kb * BLOCK - K), (0, 0))).reshape(Kb, BLOCK, N)
 
@@ -183,6 +214,10 @@ def grouped_chunked_dot(a_q: jax.Array, a_scale: jax.Array, b_q: jax.Array, b_sc
     G, _, N = b_q.shape
     Kb = -(-K // BLOCK)
     assert a_scale.shape == (M, Kb) and b_scale.shape == (G, Kb, N), (a_scale.shape, b_scale.shape)
+    if dequant_gemm():
+        a, b = _dequant_operands(a_q, a_scale, b_q, b_scale)
+        y = grouped_matmul(a, b, group_sizes.astype(jnp.int32)).astype(jnp.float32)  # BF16 out, as BF16 runs
+        return jnp.where((jnp.arange(M) < jnp.sum(group_sizes))[:, None], y, 0.0)
     a = _pad_last2(a_q.astype(jnp.float32), M, Kb * BLOCK).reshape(M, Kb, BLOCK).transpose(1, 0, 2)
     b = jnp.pad(b_q.astype(jnp.float32), ((0, 0), (0, Kb * BLOCK - K), (0, 0)))
     b = b.reshape(G, Kb, BLOCK, N).transpose(1, 0, 2, 3)  # [Kb, G, 128, N]
@@ -297,6 +332,11 @@ def _fp8_grouped_bwd(spec, res, dy):
     # straddle two experts; DeepGEMM's k-grouped kernel pads groups to 128 instead). Reference math: the
     # dequantised operands, contracted in FP32 — equal to per-chunk promotion up to FP32 rounding.
     dy_col = quantize(dy, COL_TILE, spec.pow2)
+    if dequant_gemm():  # the grouped kernel's own weight-gradient path, on the dequantised BF16 operands
+        xd, dyd = dequantize(x_col, COL_TILE, jnp.bfloat16), dequantize(dy_col, COL_TILE, jnp.bfloat16)
+        _, pull = jax.vjp(lambda w: grouped_matmul(xd, w, group_sizes.astype(jnp.int32)),
+                          jnp.zeros(wq.q.shape, jnp.bfloat16))
+        return dx.astype(spec.x_dtype), pull(dyd)[0].astype(spec.w_dtype), None
     dn = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
                                            lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
     dw = jax.lax.ragged_dot_general(dequantize(x_col, COL_TILE), dequantize(dy_col, COL_TILE),

@@ -252,6 +252,28 @@ def test_grouped_fp8_equals_per_group_fp8_and_grads_are_close():
     assert rel(y, exact) < 0.06
 
 
+@pytest.mark.parametrize("pow2", [False, True])
+def test_dequant_gemm_path_equals_chunked_emulation(monkeypatch, pow2):
+    """The GPU stand-in (dequantise FP8 tiles to BF16, one GEMM with FP32 accumulation) gives the chunked
+    emulation's numbers: bit-close with power-of-two scales (dequantised values exact in BF16), within one BF16
+    rounding of the operands otherwise — for all three GEMMs of a Linear and of the grouped experts."""
+    sizes = jnp.asarray([100, 0, 150, 40], jnp.int32)
+    x, g = jnp.asarray(_randn((300, 260), 21)), jnp.asarray(_randn((300, 200), 22))
+    w, wg = jnp.asarray(_randn((260, 200), 23)) * 0.05, jnp.asarray(_randn((4, 260, 200), 24)) * 0.05
+
+    def run(mode):
+        monkeypatch.setenv("DSV3_FP8_GEMM", mode)
+        lin = lambda a, b: jnp.sum(fp8.fp8_matmul(a, b, pow2) * g)  # noqa: E731
+        grp = lambda a, b: jnp.sum(fp8.fp8_grouped_matmul(a, b, sizes, pow2) * g)  # noqa: E731
+        return (fp8.fp8_matmul(x, w, pow2), *jax.grad(lin, (0, 1))(x, w),
+                fp8.fp8_grouped_matmul(x, wg, sizes, pow2), *jax.grad(grp, (0, 1))(x, wg))
+
+    # The grouped kernel hands back BF16 (as in BF16 training): one more 2⁻⁹ rounding on its three outputs.
+    tols = [1e-5 if pow2 else 8e-3] * 3 + [4e-3 if pow2 else 8e-3] * 3
+    for a, b, tol in zip(run("emulate"), run("dequant"), tols, strict=True):
+        assert rel(b, a) < tol, rel(b, a)
+
+
 def _random_moe(seed: int, n_tokens: int):
     """Tokens x [N, d], expert weights (gate, up, down) and a routing for the tiny config, from one seed."""
     cfg = tiny_config()
