@@ -11,6 +11,7 @@ to ``run_dir/events`` when tensorboardX is installed.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
@@ -20,6 +21,8 @@ from typing import Any, TextIO
 import jax
 
 from dsv3_jax.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 LOGGED = ("step", "tokens_seen", "loss", "loss_avg", "ce", "mtp_loss", "balance_loss", "grad_norm", "lr",
           "tokens_per_s", "mfu", "maxvio", "mtp_maxvio")
@@ -160,7 +163,9 @@ class MetricsWriter:
         self._tb = None
         try:
             from tensorboardX import SummaryWriter
-        except ImportError:  # TensorBoard is optional
+        except Exception as e:  # TensorBoard is optional; a broken install (e.g. its torch import) must not stop a run
+            if not isinstance(e, ImportError):
+                log.warning("TensorBoard events disabled: importing tensorboardX failed (%s: %s)", type(e).__name__, e)
             SummaryWriter = None
         if SummaryWriter is not None:
             self._tb = SummaryWriter(str(self.run_dir / "events"), purge_step=resume_step + 1 if resume_step else None)
