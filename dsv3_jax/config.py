@@ -82,7 +82,7 @@ class ModelConfig:
     initializer_range: float = 0.006  # std of the normal init of weights
     # Numerics: parameters are stored in param_dtype, matmuls run in dtype (norms/softmax/gate always float32).
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of the params (training: FP32 master)
     # Kernel choices ("auto" picks the fastest available on the backend, pure JAX elsewhere).
     attention_impl: Literal["auto", "xla", "tokamax"] = "auto"
     # ragged: sort + grouped matmul (tokamax on GPU, else lax.ragged_dot); dense: every expert on every token
