@@ -62,6 +62,24 @@ def code_blocks(text: str, lang: str) -> list[str]:
     return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
 
 
+def _split_and(line: str) -> list[str]:
+    """``a && b`` → [a, b], leaving ``&&`` inside quotes alone (``ssh host "cd x && y"`` is one command)."""
+    parts, cur, quote, i = [], "", None, 0
+    while i < len(line):
+        ch = line[i]
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif line.startswith("&&", i):
+            parts.append(cur)
+            cur, i = "", i + 2
+            continue
+        cur += ch
+        i += 1
+    return [" ".join(p.split()) for p in [*parts, cur] if p.strip()]
+
+
 def readme_commands(text: str | None = None) -> list[str]:
     """Every command of the README's bash blocks: comments dropped, ``\\`` continuations joined, ``&&`` split."""
     text = README.read_text() if text is None else text
@@ -69,7 +87,7 @@ def readme_commands(text: str | None = None) -> list[str]:
     for block in code_blocks(text, "bash"):
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"(^|\s)#.*$", "", line).strip()  # a comment (not a '#' inside a word)
-            out += [" ".join(part.split()) for part in line.split("&&") if part.strip()]
+            out += _split_and(line)
     return out
 
 
@@ -90,8 +108,9 @@ def readme_argv(prefix: str) -> list[str]:
 
 
 def test_readme_commands_parse():
-    text = "```bash\na && b   # note\nc \\\n  --x 1  # more\n```\n```python\nnot = 'a command'\n```\n"
-    assert readme_commands(text) == ["a", "b", "c --x 1"]
+    text = ("```bash\na && b   # note\nc \\\n  --x 1  # more\nssh h \"cd x && y\" && z\n```\n"
+            "```python\nnot = 'a command'\n```\n")
+    assert readme_commands(text) == ["a", "b", "c --x 1", 'ssh h "cd x && y"', "z"]
 
 
 # ------------------------------------------------------------------------------------------------------------
