@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-slots", type=int, default=8, help="concurrent sequences (cache rows)")
     ap.add_argument("--max-len", type=int, help="context per sequence (default min(max_position_embeddings, 4096))")
     ap.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    ap.add_argument("--decode-chunk", type=int, default=4,
+                    help="decode steps per device call when no request waits for a row (1 = lowest admission "
+                         "latency; more = less host overhead per token)")
     ap.add_argument("--warmup", action="store_true", help="compile every prefill bucket before serving")
     return ap.parse_args(argv)
 
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded.model = dataclasses.replace(loaded.model, dtype=compute)
     tok, tok_cfg = load_serving_tokenizer(loaded, args.tokenizer)
     engine = Engine(loaded.model, loaded.variables, tokenizer=tok, max_slots=args.max_slots, max_len=args.max_len,
-                    speculative=args.speculative)
+                    speculative=args.speculative, decode_chunk=args.decode_chunk)
     if args.warmup:
         engine.warmup()
 

@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--breakdown", action="store_true",
                     help="also time the forward loss and forward+backward alone (optimizer = step − fwd+bwd)")
     ap.add_argument("--profile", help="trace 3 steps into this directory and print device time per kernel")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="compile the step and print XLA's memory analysis (arguments + temporaries); run nothing")
     ap.add_argument("--json")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         m = dataclasses.replace(m, dtype="float32")
         cfg = dataclasses.replace(cfg, model=m)
 
+    if a.memory_only:
+        return _memory_only(cfg, a.mb, seq)
     t0 = time.perf_counter()
     state = init_state(cfg)
     tokens = np.random.default_rng(0).integers(0, m.vocab_size, (1, a.mb, seq + 1)).astype(np.int32)
@@ -136,6 +140,28 @@ def main(argv: list[str] | None = None) -> int:
           f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} peak mem {mem:.1f} GiB (compile+warmup {compile_s:.0f}s)")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+def _memory_only(cfg, mb: int, seq: int) -> int:
+    """Lower + compile the train step on abstract inputs and print the compiled memory footprint."""
+    from dsv3_jax.training import optim
+    from dsv3_jax.training.step import _train_core, init_state, schedule, training_model_config
+
+    t0 = time.perf_counter()
+    state = jax.eval_shape(lambda: init_state(cfg))
+    tokens = jax.ShapeDtypeStruct((1, mb, seq + 1), np.int32)
+    compiled = _train_core.lower(
+        state.params, state.router, state.opt_state, state.rng, tokens, schedule(cfg.train, 0, 0),
+        model_cfg=training_model_config(cfg), opt=optim.OptimSettings.from_train(cfg.train),
+        balance_alpha=cfg.train.balance_alpha).compile()
+    ma = compiled.memory_analysis()
+    gib = 2 ** 30
+    args_b, temp_b = ma.argument_size_in_bytes, ma.temp_size_in_bytes
+    print(f"MEMORY layers={cfg.model.num_hidden_layers} seq={seq} mb={mb} remat={cfg.model.remat}: arguments "
+          f"{args_b / gib:.2f} GiB + temporaries {temp_b / gib:.2f} GiB = {(args_b + temp_b) / gib:.2f} GiB "
+          f"(outputs {ma.output_size_in_bytes / gib:.2f}, aliased {ma.alias_size_in_bytes / gib:.2f}; "
+          f"compile {time.perf_counter() - t0:.0f}s)")
     return 0
 
 

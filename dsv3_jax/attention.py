@@ -38,6 +38,17 @@ class LatentCache(NamedTuple):
                            jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dt))
 
 
+class StackSlot(NamedTuple):
+    """Layer ``layer`` (int32 scalar) of a stacked cache ``stack`` (LatentCache with leaves [L, B, S, ·]).
+
+    The scanned layer stack carries the whole cache and each layer writes its new entries in place
+    (:func:`write_stacked`), so a decode step moves only the new tokens' latents, never a copy of the cache.
+    """
+
+    stack: LatentCache
+    layer: jax.Array
+
+
 NEG_INF = -1e30  # finite "minus infinity": keeps fully-masked rows NaN-free
 
 
@@ -88,6 +99,21 @@ def write_cache(cache: LatentCache, c_kv: jax.Array, k_rope: jax.Array, position
     return LatentCache(put(cache.c_kv, c_kv), put(cache.k_rope, k_rope))
 
 
+def write_stacked(slot: StackSlot, c_kv: jax.Array, k_rope: jax.Array, positions: jax.Array
+                  ) -> tuple[StackSlot, LatentCache]:
+    """Scatter new entries [B, T, ·] into layer ``slot.layer`` at slots positions[:, 0] .. +T-1 of each row
+    (slots past the cache are dropped) → (updated slot, that layer's cache [B, S, ·])."""
+    B, T = c_kv.shape[:2]
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+    cols = positions[:, :1] + jnp.arange(T)[None]
+
+    def put(buf, new):
+        return buf.at[slot.layer, rows, cols].set(new.astype(buf.dtype), mode="drop")
+
+    stack = LatentCache(put(slot.stack.c_kv, c_kv), put(slot.stack.k_rope, k_rope))
+    return StackSlot(stack, slot.layer), LatentCache(stack.c_kv[slot.layer], stack.k_rope[slot.layer])
+
+
 class MLA(nn.Module):
     """x [B, T, d], positions [B, T] → out [B, T, d] (and the updated cache when one is given).
 
@@ -99,8 +125,8 @@ class MLA(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: LatentCache | None = None,
-                 absorbed: bool = False) -> tuple[jax.Array, LatentCache | None]:
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: LatentCache | StackSlot | None = None,
+                 absorbed: bool = False) -> tuple[jax.Array, LatentCache | StackSlot | None]:
         c = self.cfg
         dt = dtype_of(c.dtype)
         H, n, r, v, cl = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
@@ -131,8 +157,11 @@ class MLA(nn.Module):
         if cache is None:
             keys_latent, keys_rope, mask = c_kv, k_rope, None
         else:
-            cache = write_cache(cache, c_kv, k_rope, positions)
-            keys_latent, keys_rope = cache.c_kv.astype(dt), cache.k_rope.astype(dt)
+            if isinstance(cache, StackSlot):
+                cache, view = write_stacked(cache, c_kv, k_rope, positions)
+            else:
+                cache = view = write_cache(cache, c_kv, k_rope, positions)
+            keys_latent, keys_rope = view.c_kv.astype(dt), view.k_rope.astype(dt)
             slots = jnp.broadcast_to(jnp.arange(keys_latent.shape[1]), keys_latent.shape[:2])
             mask = causal_mask(positions, slots)
 

@@ -14,7 +14,9 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 
-from dsv3_jax.attention import MLA, LatentCache
+import jax.numpy as jnp
+
+from dsv3_jax.attention import MLA, LatentCache, StackSlot
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import MLP, RMSNorm, logical
 from dsv3_jax.moe import MoE
@@ -33,8 +35,8 @@ class Block(nn.Module):
     absorbed: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: LatentCache | None = None
-                 ) -> tuple[jax.Array, LatentCache | None, dict[str, jax.Array]]:
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: LatentCache | StackSlot | None = None
+                 ) -> tuple[jax.Array, LatentCache | StackSlot | None, dict[str, jax.Array]]:
         c = self.cfg
         norm = dict(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         h, cache = MLA(c, name="self_attn")(RMSNorm(name="input_layernorm", **norm)(x), positions, cache,
@@ -56,16 +58,20 @@ def _maybe_remat(cfg: ModelConfig) -> type[Block]:
 
 
 class _ScanStep(nn.Module):
-    """One scan step: carry x, broadcast positions, per-layer cache slice → (x, (cache, aux))."""
+    """One scan step: carry (x, the whole stacked cache or None, layer index), broadcast positions → aux.
+
+    The cache rides in the carry (not as a scanned slice) so each layer updates it in place."""
 
     cfg: ModelConfig
     moe: bool
     absorbed: bool
 
     @nn.compact
-    def __call__(self, x, positions, cache):
-        x, cache, aux = _maybe_remat(self.cfg)(self.cfg, self.moe, self.absorbed, name="block")(x, positions, cache)
-        return x, (cache, aux)
+    def __call__(self, carry, positions):
+        x, cache, i = carry
+        slot = None if cache is None else StackSlot(cache, i)
+        x, slot, aux = _maybe_remat(self.cfg)(self.cfg, self.moe, self.absorbed, name="block")(x, positions, slot)
+        return (x, None if slot is None else slot.stack, i + 1), aux
 
 
 # A parallel strategy (sharding/pipeline.py) may run the MoE stack itself: fn(cfg, variables, x, positions)
@@ -109,10 +115,11 @@ class BlockStack(nn.Module):
             _ScanStep,
             variable_axes={"params": 0, "router": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, 0),
+            in_axes=(nn.broadcast,),
             length=self.num_layers,
             # Only the MoE stack is pipelined; dense layers stay whole on every stage.
             metadata_params={nn.PARTITION_NAME: "layers" if self.moe else "dense_layers"},
         )
-        x, (cache, aux) = scan(self.cfg, self.moe, self.absorbed, name="layers")(x, positions, cache)
+        (x, cache, _), aux = scan(self.cfg, self.moe, self.absorbed, name="layers")(
+            (x, cache, jnp.zeros((), jnp.int32)), positions)
         return x, cache, aux

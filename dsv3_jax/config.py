@@ -85,8 +85,10 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of the params (training: FP32 master)
     # Kernel choices ("auto" picks the fastest available on the backend, pure JAX elsewhere).
     attention_impl: Literal["auto", "xla", "tokamax"] = "auto"
-    # ragged: sort + grouped matmul (tokamax on GPU, else lax.ragged_dot); dense: every expert on every token
-    moe_impl: Literal["auto", "ragged", "dense", "xla", "tokamax"] = "auto"
+    # ragged: sort + grouped matmul (tokamax on GPU, else lax.ragged_dot); dense: every expert on every token;
+    # gather: each token copy reads its experts' weights (decode). auto: gather for ≤32 token copies on a GPU,
+    # else ragged.
+    moe_impl: Literal["auto", "ragged", "dense", "xla", "tokamax", "gather"] = "auto"
     # Rematerialisation of each block in the backward pass: none | full | save_dots (keep matmul outputs).
     remat: Literal["none", "full", "save_dots"] = "none"
     # FP8 mixed precision (REFERENCE §8): every linear of the recipe (attention projections, dense MLP, shared

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from dsv3_jax import fp8
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kernels import grouped_matmul
+from dsv3_jax.kernels._backend import on_gpu
 from dsv3_jax.layers import MLP, dequantize_weight, dtype_of, fp8_weight_param, logical, normal_init, swiglu
 
 Weight = jax.Array | fp8.Quantized  # expert weights [E, in, out]; Quantized when serving FP8 weights with fp8 on
@@ -155,6 +156,31 @@ def dispatch_dense(x: jax.Array, routing: Routing, w_gate: Weight, w_up: Weight,
     return jnp.einsum("end,ne->nd", y, combine).astype(dt)
 
 
+def dispatch_gather(x: jax.Array, routing: Routing, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
+                    ) -> jax.Array:
+    """MoE for a handful of tokens (decode): each token copy reads its expert's weights directly. x [N, d] → [N, d].
+
+    Written as multiply + reduce over the gathered weights [N, K, d, F] so XLA fuses the gather into the
+    reduction: each selected expert's weights are read once from HBM, nothing is sorted or materialised —
+    the bytes-optimal path when N·K is small next to E (no weight is shared between copies to amortise it).
+    """
+    dt = x.dtype
+    idx = routing.experts  # [N, K]
+
+    def proj(a: jax.Array, w: jax.Array) -> jax.Array:  # a [N, K, in] · w[idx] [N, K, in, out] → [N, K, out] f32
+        wk = jnp.take(w, idx, axis=0).astype(dt)
+        return jnp.sum(a[..., None].astype(jnp.float32) * wk, axis=2, dtype=jnp.float32)
+
+    xk = jnp.broadcast_to(x[:, None], (*idx.shape, x.shape[-1]))
+    h = swiglu(proj(xk, w_gate).astype(dt), proj(xk, w_up).astype(dt))
+    y = proj(h, w_down)  # [N, K, d] f32
+    return jnp.einsum("nkd,nk->nd", y, routing.weights).astype(dt)
+
+
+# Token copies (N·K) up to which moe_impl=auto takes :func:`dispatch_gather` on a GPU (decode-sized batches).
+GATHER_MAX_COPIES = 32
+
+
 # A parallel strategy (sharding/expert.py) may replace the dispatch while a step is traced; the math stays here.
 _DISPATCH: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("moe_dispatch", default=None)
 
@@ -209,6 +235,10 @@ class MoE(nn.Module):
             y = override(xf, r, w_gate, w_up, w_down, fp8_pow2=fp8_pow2)
         elif c.moe_impl == "dense":
             y = dispatch_dense(xf, r, w_gate, w_up, w_down, fp8_pow2)
+        elif c.moe_impl == "gather" or (c.moe_impl == "auto" and fp8_pow2 is None and on_gpu()
+                                        and not isinstance(w_gate, fp8.Quantized)
+                                        and B * T * c.num_experts_per_tok <= min(GATHER_MAX_COPIES, E)):
+            y = dispatch_gather(xf, r, w_gate, w_up, w_down)
         else:
             y = dispatch_ragged(xf, r, w_gate, w_up, w_down, "auto" if c.moe_impl == "ragged" else c.moe_impl,
                                 fp8_pow2=fp8_pow2)

@@ -95,6 +95,21 @@ def test_batched_equals_one_at_a_time(engine):
     assert [len(c.token_ids) for c in together] == [sp.max_tokens for sp in params]
 
 
+def test_decode_chunk_equals_single_steps(engine, variables, tok):
+    """Several decode steps per device call (rows finishing mid-chunk, queued requests, seeded sampling, a stop
+    token) give exactly the single-step engine's tokens and finish reasons."""
+    chunked = Engine(CFG, variables, tokenizer=tok, max_slots=4, max_len=MAX_LEN, decode_chunk=4)
+    params = [dataclasses.replace(GREEDY, max_tokens=m) for m in (3, 12, 7, 9, 2, 11)]
+    params[1] = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
+    ref = engine.generate(PROMPTS, params)
+    params[5] = dataclasses.replace(params[5], stop_token_ids=(ref[5].token_ids[6],))
+    ref[5] = engine.generate([PROMPTS[5]], params[5])[0]
+    out = chunked.generate(PROMPTS, params)
+    assert [(c.token_ids, c.finish_reason) for c in out] == [(c.token_ids, c.finish_reason) for c in ref]
+    assert ref[5].finish_reason == "stop" and len(ref[5].token_ids) <= 7
+    assert chunked.traces["decode_4"] == 1
+
+
 def test_sampling_params(engine):
     greedy = engine.generate([PROMPTS[0]], GREEDY)[0].token_ids
     top1 = SamplingParams(max_tokens=12, temperature=1.0, top_k=1, seed=5, ignore_eos=True)
@@ -239,7 +254,7 @@ def test_no_recompiles_after_warmup(engine, spec_engine):
     for e in (engine, spec_engine):
         e.warmup(buckets=[16, 32])
     before = dict(engine.traces), dict(spec_engine.traces)
-    assert before[0] == {"prefill_16": 1, "prefill_32": 1, "decode": 1}  # each compiled once, whatever ran
+    assert before[0] == {"prefill_16": 1, "prefill_32": 1, "decode_1": 1}  # each compiled once, whatever ran
     assert before[1] == {"prefill_16": 1, "prefill_32": 1, "spec": 1}
     prompts = [[3] * n for n in (1, 4, 9, 16, 17, 25, 31)]
     params = [SamplingParams(max_tokens=m, temperature=t, top_k=k, seed=m)

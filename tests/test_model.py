@@ -65,15 +65,16 @@ def test_forward_aux_outputs(golden):
     assert np.all(np.asarray(out.balance) > 0)
 
 
-def test_absorbed_decode_equals_naive_forward():
+@pytest.mark.parametrize("moe_impl", ["auto", "gather"])
+def test_absorbed_decode_equals_naive_forward(moe_impl):
     """Prefill half the prompt, then decode one token at a time over the latent cache (absorbed path);
-    every step's logits equal the full naive forward's at that position."""
+    every step's logits equal the full naive forward's at that position (decode's MoE as auto or gather)."""
     cfg = tiny_config()
     variables = init_variables(cfg, jax.random.key(0))
     B, T, P = 2, 12, 5
     tokens = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size)
-    model = Transformer(cfg)
-    full = jax.jit(lambda v, t: model.apply(v, t, mtp=False).logits)(variables, tokens)
+    full = jax.jit(lambda v, t: Transformer(cfg).apply(v, t, mtp=False).logits)(variables, tokens)
+    model = Transformer(dataclasses.replace(cfg, moe_impl=moe_impl))
 
     cache = init_cache(cfg, B, max_len=16, dtype="float32")
     prefill = jax.jit(lambda v, t, c: model.apply(v, t, cache=c, mtp=False))
@@ -220,6 +221,13 @@ def test_ragged_dispatch_equals_dense_and_differentiates():
     g1 = jax.grad(lambda w: moe.dispatch_ragged(x, r, w, wu, wd).sum())(wg)
     g2 = jax.grad(lambda w: moe.dispatch_dense(x, r, w, wu, wd).sum())(wg)
     np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-5)
+    # The decode path (gathered expert weights, no sort) is the same function.
+    np.testing.assert_allclose(moe.dispatch_gather(x[:3], _take(r, 3), wg, wu, wd),
+                               moe.dispatch_dense(x[:3], _take(r, 3), wg, wu, wd), rtol=1e-5, atol=1e-5)
+
+
+def _take(r: moe.Routing, n: int) -> moe.Routing:
+    return moe.Routing(*(a[:n] for a in r))
 
 
 def test_sequence_balance_formula():

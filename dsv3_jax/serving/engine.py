@@ -122,7 +122,7 @@ class Engine:
 
     def __init__(self, cfg: ModelConfig, variables: dict, *, tokenizer: Any = None, eos_id: int | None = None,
                  max_slots: int = 8, max_len: int | None = None, min_bucket: int = 16, speculative: bool = False,
-                 cache_dtype: str | None = None, max_queue: int = 4096) -> None:
+                 cache_dtype: str | None = None, max_queue: int = 4096, decode_chunk: int = 1) -> None:
         if speculative and not cfg.num_nextn_predict_layers:
             raise ValueError("speculative decoding drafts with the MTP modules, but the model has none "
                              "(model.num_nextn_predict_layers=0); run without --speculative")
@@ -135,13 +135,16 @@ class Engine:
         self.buckets = prefill_buckets(min(min_bucket, self.max_len), self.max_len)
         self.K = cfg.num_nextn_predict_layers if speculative else 0
         self.max_queue = max_queue
+        if decode_chunk < 1:
+            raise ValueError(f"decode_chunk={decode_chunk}: must be ≥ 1")
+        self.decode_chunk = decode_chunk
         self._cache_len = self.max_len + self.K  # a verify window may reach K slots past the context
         self._cache_dtype = cache_dtype
         self._reset_state()
 
         self.traces: collections.Counter[str] = collections.Counter()  # one entry per compile
         self._prefill_jit = jax.jit(self._prefill, donate_argnums=(1, 2, 3))
-        self._decode_jit = jax.jit(self._decode, donate_argnums=(1,))
+        self._decode_jit = jax.jit(self._decode, donate_argnums=(1,), static_argnums=(9,))
         self._spec_jit = jax.jit(self._spec, donate_argnums=(1, 2, 3))
 
         self._lock = threading.Condition()
@@ -380,16 +383,26 @@ class Engine:
     def _decode_step(self) -> None:
         B = self.max_slots
         tokens, pos, counters = np.zeros(B, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32)
+        left = []
         for i, row in enumerate(self._rows):
             if row is not None:
                 tokens[i], pos[i], counters[i] = row.last, row.pos, len(row.out)
+                left.append(row.req.params.max_tokens - len(row.out))
+        # Several steps per call while nobody waits for a row that frees within them (a row finishing early
+        # discards its surplus tokens; their cache writes stay in its own row, past what it attends to).
+        n = self.decode_chunk
+        with self._lock:
+            waiting = bool(self._waiting)
+        if n > 1 and waiting and min(left) < n:
+            n = 1
         toks, self._cache = self._decode_jit(self.variables, self._cache, tokens, pos, self._temp, self._top_k,
-                                             self._top_p, self._seeds, counters)
+                                             self._top_p, self._seeds, counters, n)
         toks = jax.device_get(toks)
         for i, row in enumerate(self._rows):
             if row is not None:
-                row.pos, row.last = row.pos + 1, int(toks[i])
-                self._commit(i, [row.last])
+                new = toks[i].tolist()
+                row.pos, row.last = row.pos + n, new[-1]
+                self._commit(i, new)
 
     def _spec_step(self) -> None:
         B, K = self.max_slots, self.K
@@ -480,13 +493,25 @@ class Engine:
             q = jax.lax.dynamic_update_slice(q, qd, (slot, 0, 0))
         return tok, drafts, cache, mtp_cache, q
 
-    def _decode(self, variables, cache, tokens, pos, temp, top_k, top_p, seeds, counters):
-        """tokens, pos [B] (each row's last token and its position) → (next tokens [B], cache)."""
-        self.traces["decode"] += 1
-        out = Transformer(self.cfg).apply(variables, tokens[:, None], positions=pos[:, None], cache=cache,
-                                          absorbed=True, mtp=False)
-        probs = token_probs(out.logits[:, 0], temp, top_k, top_p)
-        return sample(probs, row_keys(seeds, counters, speculative.SAMPLE)), out.cache
+    def _decode(self, variables, cache, tokens, pos, temp, top_k, top_p, seeds, counters, n):
+        """tokens, pos [B] (each row's last token and its position) → (next n tokens [B, n], cache).
+
+        ``n`` (static) decode steps run back to back on the device, each feeding the token it sampled to the
+        next; row keys depend on (seed, token index) only, so the tokens equal n single steps'.
+        """
+        self.traces[f"decode_{n}"] += 1
+        model = Transformer(self.cfg)
+
+        def one(carry, _):
+            cache, tokens, pos, counters = carry
+            out = model.apply(variables, tokens[:, None], positions=pos[:, None], cache=cache, absorbed=True,
+                              mtp=False)
+            probs = token_probs(out.logits[:, 0], temp, top_k, top_p)
+            nxt = sample(probs, row_keys(seeds, counters, speculative.SAMPLE))
+            return (out.cache, nxt, pos + 1, counters + 1), nxt
+
+        (cache, *_), toks = jax.lax.scan(one, (cache, tokens, pos, counters), None, length=n)
+        return toks.T, cache
 
     def _spec(self, variables, cache, mtp_cache, q, window, pos, temp, top_k, top_p, seeds, counters):
         """window [B, K+1] = [last, drafts], pos [B] → (accepted [B], next token [B], new drafts [B, K],
