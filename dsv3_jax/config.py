@@ -32,13 +32,13 @@ class ConfigError(ValueError):
 class RopeScaling:
     """YaRN context extension (REFERENCE §3). ``mscale``/``mscale_all_dim`` None = key absent in HF config."""
 
-    type: Literal["yarn"] = "yarn"
-    factor: float = 40.0
-    original_max_position_embeddings: int = 4096
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float | None = 1.0
-    mscale_all_dim: float | None = 1.0
+    type: Literal["yarn"] = "yarn"  # only YaRN is supported
+    factor: float = 40.0  # s: context extension factor (extended / original length)
+    original_max_position_embeddings: int = 4096  # the pre-training context the frequencies were tuned for
+    beta_fast: float = 32.0  # YaRN ramp: rotations above this count keep their frequency (extrapolate)
+    beta_slow: float = 1.0  # YaRN ramp: rotations below this count are fully interpolated
+    mscale: float | None = 1.0  # cos/sin factor yarn(s, mscale) / yarn(s, mscale_all_dim), yarn = 0.1·m·ln s + 1
+    mscale_all_dim: float | None = 1.0  # also multiplies the softmax scale by yarn(s, mscale_all_dim)² (REFERENCE §3)
     attention_factor: float | None = None  # explicit cos/sin factor (HF key); None = from mscale terms
     truncate: bool = True  # floor/ceil the correction range (HF's default)
 
@@ -47,41 +47,42 @@ class RopeScaling:
 class ModelConfig:
     """DeepSeek-V3 architecture. Field names follow HF ``config.json`` (REFERENCE §1); defaults are the 671B."""
 
-    vocab_size: int = 129280
-    hidden_size: int = 7168
-    intermediate_size: int = 18432
-    moe_intermediate_size: int = 2048
-    num_hidden_layers: int = 61
-    first_k_dense_replace: int = 3
-    num_attention_heads: int = 128
-    q_lora_rank: int | None = 1536
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 128
-    n_routed_experts: int = 256
-    n_shared_experts: int = 1
-    num_experts_per_tok: int = 8
-    n_group: int = 8
-    topk_group: int = 4
-    routed_scaling_factor: float = 2.5
-    scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    vocab_size: int = 129280  # tokens in the embedding and the output head
+    hidden_size: int = 7168  # d: width of the residual stream
+    intermediate_size: int = 18432  # hidden width of the dense SwiGLU MLP (first_k_dense_replace layers)
+    moe_intermediate_size: int = 2048  # hidden width of each routed and shared expert
+    num_hidden_layers: int = 61  # transformer blocks of the main model (MTP blocks not counted)
+    first_k_dense_replace: int = 3  # the first k blocks use a dense MLP, the rest MoE
+    num_attention_heads: int = 128  # MLA heads (no GQA: every head has its own keys/values from the latent)
+    q_lora_rank: int | None = 1536  # query low-rank width; null = a plain q_proj
+    kv_lora_rank: int = 512  # d_c: the compressed KV latent that is cached
+    qk_nope_head_dim: int = 128  # per-head query/key width without RoPE
+    qk_rope_head_dim: int = 64  # per-head decoupled RoPE width (the rope key is shared by all heads and cached)
+    v_head_dim: int = 128  # per-head value width
+    n_routed_experts: int = 256  # routed experts per MoE layer
+    n_shared_experts: int = 1  # always-on experts per MoE layer
+    num_experts_per_tok: int = 8  # K: routed experts selected per token
+    n_group: int = 8  # expert groups for group-limited routing
+    topk_group: int = 4  # groups a token may route to
+    routed_scaling_factor: float = 2.5  # multiplies the routed experts' combined output
+    scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"  # gate affinity: sigmoid (V3) or softmax (V2)
+    # noaux_tc: top-k on bias-adjusted scores within the best topk_group groups (V3)
     topk_method: Literal["noaux_tc", "greedy", "group_limited_greedy"] = "noaux_tc"
-    norm_topk_prob: bool = True
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    max_position_embeddings: int = 163840
-    rope_scaling: RopeScaling | None = dataclasses.field(default_factory=RopeScaling)
+    norm_topk_prob: bool = True  # normalise the selected gate weights to sum to 1
+    rms_norm_eps: float = 1e-6  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
+    max_position_embeddings: int = 163840  # longest supported context
+    rope_scaling: RopeScaling | None = dataclasses.field(default_factory=RopeScaling)  # YaRN; null = plain RoPE
     # True: checkpoint rope dims are adjacent pairs (x[2i], x[2i+1]) — the official/HF default for V3.
     rope_interleave: bool = True
     # Official code applies YaRN only when max_position_embeddings > original length; HF whenever yarn is set.
     yarn_only_when_extended: bool = False
-    num_nextn_predict_layers: int = 1
-    tie_word_embeddings: bool = False
-    initializer_range: float = 0.006
+    num_nextn_predict_layers: int = 1  # D: multi-token prediction modules (0 = none)
+    tie_word_embeddings: bool = False  # share the embedding with the output head (false for V3)
+    initializer_range: float = 0.006  # std of the normal init of weights
     # Numerics: parameters are stored in param_dtype, matmuls run in dtype (norms/softmax/gate always float32).
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of the params (training: FP32 master)
     # Kernel choices ("auto" picks the fastest available on the backend, pure JAX elsewhere).
     attention_impl: Literal["auto", "xla", "tokamax"] = "auto"
     # ragged: sort + grouped matmul (tokamax on GPU, else lax.ragged_dot); dense: every expert on every token;
@@ -190,13 +191,13 @@ class DataConfig:
 
     source: str = "stdlib"  # stdlib | path to a text file / directory / *.jsonl / *.array_record (glob ok)
     tokenizer: str | None = None  # path to a tokenizer.json; None = byte-level BPE trained on the corpus
-    tokenizer_vocab_size: int = 4096
-    seq_len: int = 128
-    fim_rate: float = 0.1
-    seed: int = 0
-    val_fraction: float = 0.05
-    cache_dir: str = "~/.cache/dsv3_jax"
-    num_workers: int = 0
+    tokenizer_vocab_size: int = 4096  # vocabulary of the default BPE (must be ≤ model.vocab_size)
+    seq_len: int = 128  # tokens per training sequence (windows of seq_len + 1 are packed)
+    fim_rate: float = 0.1  # fraction of documents rearranged for Fill-in-the-Middle (PSM)
+    seed: int = 0  # shuffling and FIM randomness
+    val_fraction: float = 0.05  # share of documents held out for evaluation (stable hash of each document)
+    cache_dir: str = "~/.cache/dsv3_jax"  # where the trained tokenizer is cached
+    num_workers: int = 0  # Grain worker processes (0 = in the training process)
     # The default BPE tokenizer trains on about this many bytes of the train split (keeps training to seconds).
     tokenizer_train_bytes: int = 8_000_000
 
@@ -206,11 +207,11 @@ class MeshConfig:
     """Device mesh axis sizes. The product must divide the device count (the first devices are used);
     ``data: -1`` takes all remaining devices. All 1 (the default) = one device, no mesh code in the step."""
 
-    pipeline: int = 1
-    data: int = 1
-    expert: int = 1
-    fsdp: int = 1
-    tensor: int = 1
+    pipeline: int = 1  # pipeline stages (the MoE layer stack is split into contiguous blocks)
+    data: int = 1  # data-parallel replicas (-1 = all remaining devices)
+    expert: int = 1  # expert parallelism: routed experts sharded; also splits the batch elsewhere
+    fsdp: int = 1  # params sharded over the embed dim and gathered per layer; splits the batch
+    tensor: int = 1  # heads / FFN width / vocab sharded (off in the report's recipe)
     pipeline_microbatches: int = 0  # micro-batches per step through the pipeline; 0 = 2 × pipeline stages
     zero1: bool = True  # shard optimizer state over `data` (ZeRO-1); false = replicate it like the params
 
@@ -219,36 +220,36 @@ class MeshConfig:
 class TrainConfig:
     """Optimisation recipe (REFERENCE §5, §6, §9). Token counts are in tokens, LR values absolute."""
 
-    steps: int = 200
+    steps: int = 200  # optimizer steps to run (resuming counts the steps already done)
     global_batch_size: int = 8  # sequences per step (after the batch ramp)
     micro_batch_size: int | None = None  # None = no gradient accumulation
     batch_ramp_start: int | None = None  # sequences per step at token 0; None = no ramp
     batch_ramp_tokens: int = 0  # tokens over which the batch ramps to global_batch_size
     batch_ramp_levels: int = 8  # distinct batch sizes during the ramp (each compiles one step variant)
-    lr: float = 2.2e-4
-    warmup_steps: int = 20
+    lr: float = 2.2e-4  # peak learning rate
+    warmup_steps: int = 20  # linear warm-up to lr over these steps
     lr_constant_tokens: float = 0.0  # after warm-up, hold lr until this many tokens
     lr_decay_tokens: float = 0.0  # cosine to lr_final over this many tokens (0 = no decay)
-    lr_final: float = 2.2e-5
-    adam_b1: float = 0.9
-    adam_b2: float = 0.95
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    moments_dtype: Literal["float32", "bfloat16"] = "float32"
-    mtp_lambda: float = 0.3
-    mtp_lambda_late: float = 0.1
-    mtp_lambda_switch_tokens: float = math.inf
-    balance_alpha: float = 1e-4
+    lr_final: float = 2.2e-5  # learning rate at the end of the cosine decay (and after it)
+    adam_b1: float = 0.9  # AdamW β1
+    adam_b2: float = 0.95  # AdamW β2
+    adam_eps: float = 1e-8  # AdamW ε
+    weight_decay: float = 0.1  # decoupled weight decay (none on norms and 1-D params)
+    grad_clip: float = 1.0  # global gradient-norm clip
+    moments_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of AdamW's first and second moments
+    mtp_lambda: float = 0.3  # λ: weight of the MTP loss
+    mtp_lambda_late: float = 0.1  # λ after mtp_lambda_switch_tokens
+    mtp_lambda_switch_tokens: float = math.inf  # tokens after which λ becomes mtp_lambda_late
+    balance_alpha: float = 1e-4  # α: weight of the sequence-wise balance loss (summed over MoE layers)
     bias_update_speed: float = 1e-3  # γ
     bias_update_freeze_tokens: float = math.inf  # γ = 0 after this many tokens
-    precision: Literal["bf16", "fp8"] = "bf16"
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 4
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
+    precision: Literal["bf16", "fp8"] = "bf16"  # fp8 = the FP8 recipe for every linear (sets model.fp8 for training)
+    seed: int = 0  # model init and step rng
+    log_every: int = 10  # steps between metrics.jsonl records
+    eval_every: int = 100  # steps between held-out evaluations (0 = never)
+    eval_batches: int = 4  # held-out batches per evaluation
+    checkpoint_every: int = 100  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 3  # complete checkpoints kept (older ones are deleted)
     async_checkpoint: bool = True  # write checkpoints in a background thread (training continues meanwhile)
     # Peak FLOP/s of one device for MFU; 0 = look it up from the device kind (H100/H200: 989e12 dense BF16).
     peak_flops: float = 0.0
@@ -258,11 +259,11 @@ class TrainConfig:
 class Config:
     """Everything one run needs. ``run_dir`` receives config.yaml, metrics.jsonl, events and checkpoints."""
 
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    run_dir: str = "runs/default"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # the architecture
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # corpus and tokenizer
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # the optimisation recipe
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # the device mesh
+    run_dir: str = "runs/default"  # receives config.yaml, metrics, events and checkpoints
 
 
 # ----------------------------------------------------------------------------------------------------------
