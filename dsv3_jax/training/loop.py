@@ -128,6 +128,10 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
 
     progress = metrics_lib.Progress(t.steps, every=t.log_every, enabled=main)
     mesh = build_mesh(cfg)
+    if cfg.mesh.node_limited_routing:  # ConfigError if router groups straddle nodes of the expert axis
+        from sharding.expert import check_node_limited
+
+        progress.message(check_node_limited(cfg.model, mesh, cfg.mesh.expert_shards_per_node))
     # This process's rows of every micro-batch; its iterators yield only those (all rows on one process).
     shard_index, shard_count = batch_shard(mesh) if mesh is not None else (0, 1)
     local_mb = mb // shard_count
