@@ -20,6 +20,7 @@ processes whose devices hold the same rows (a pipeline or tensor axis across hos
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -123,7 +124,7 @@ def batch_shard(mesh: Mesh) -> tuple[int, int]:
     spans = sorted({(s[0].start or 0, blocks if s[0].stop is None else s[0].stop)
                     for s in batch_sharding(mesh).addressable_devices_indices_map((blocks, 1)).values()})
     lo, hi = spans[0][0], spans[-1][1]
-    if any(a != b for (_, b), (a, _) in zip(spans, spans[1:], strict=False)) or blocks % (hi - lo) or lo % (hi - lo):
+    if any(a != b for (_, b), (a, _) in itertools.pairwise(spans)) or blocks % (hi - lo) or lo % (hi - lo):
         raise ConfigError(f"process {jax.process_index()}'s devices hold batch blocks {spans} of {blocks}, not one "
                           f"aligned block: order the mesh so each host's devices are adjacent on the batch axes")
     return lo // (hi - lo), blocks // (hi - lo)
