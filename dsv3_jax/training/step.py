@@ -212,6 +212,10 @@ def train_step(state: TrainState, tokens: np.ndarray, cfg: Config, mesh: Any = N
             balance_alpha=cfg.train.balance_alpha)
     if mesh is not None:  # a no-op when the partitioner kept them in place
         params, router, opt_state, rng = jax.device_put((params, router, opt_state, rng), keep)
+        if jax.process_count() > 1:  # every process reads the metrics (e.g. expert_load is sharded over stages)
+            from sharding.partition import replicated
+
+            metrics = jax.device_put(metrics, replicated(mesh))
     step_tokens = n * mb * (t1 - 1)
     metrics = dict(metrics, lr=hyper.lr, mtp_lambda=hyper.mtp_lambda, tokens=step_tokens)
     return TrainState(params, router, opt_state, np.int64(step + 1), np.int64(seen + step_tokens), rng), metrics
@@ -233,6 +237,10 @@ def eval_loss(state: TrainState, batches: Any, cfg: Config, mesh: Any = None) ->
         put = (lambda b: to_global(np.asarray(b, np.int32), batch_sharding(mesh)))
     with _on_mesh(mesh, cfg):
         losses = [_eval_core(state.params, state.router, put(b), model_cfg=cfg.model) for b in batches]
+    if mesh is not None and jax.process_count() > 1:  # readable on every process
+        from sharding.partition import replicated
+
+        losses = jax.device_put(losses, replicated(mesh))
     if not losses:
         raise ValueError("eval_loss: no evaluation batches")
     return float(np.mean(jax.device_get(losses)))
