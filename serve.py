@@ -55,6 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("jax").setLevel(logging.WARNING)
     import jax
 
+    from dsv3_jax.config import ConfigError
+    from sharding.distributed import initialize
+
+    try:  # a multi-process launch environment joins here, before any other JAX work (sharding/distributed.py)
+        multi = initialize(logging.getLogger("serve").info)
+    except ConfigError as e:
+        print(f"serve.py: error: {e}", file=sys.stderr)
+        return 2
+    if multi:  # the engine runs on one host's devices; N processes would each serve the same port
+        print(f"serve.py: error: launched as {jax.process_count()} processes, but serving runs on one host; "
+              f"start serve.py as a single process (unset JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/"
+              f"JAX_PROCESS_ID, or DSV3_DISTRIBUTED=0 under SLURM)", file=sys.stderr)
+        return 2
+
     from dsv3_jax.serving import Engine, RequestError, SamplingParams
     from dsv3_jax.serving.loading import load_model, load_serving_tokenizer
 

@@ -3,6 +3,8 @@
 Writes ``run_dir/config.yaml`` (resolved), ``metrics.jsonl``, ``expert_load.jsonl``, ``events/`` (TensorBoard)
 and ``checkpoints/``. Running the same command again resumes from the latest complete checkpoint.
 SIGTERM/SIGINT: finish the step, save, exit 0. Exit 2: bad config or data setup; exit 3: training diverged.
+Multi-host: start one process per host with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set
+(or under SLURM ``srun``); see sharding/distributed.py and the README's Multi-host section.
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
+    from sharding.distributed import initialize
+
+    try:
+        initialize()  # multi-process runs join here, before any other JAX work; a no-op on one process
+    except ConfigError as e:  # DistributedError: a partial or malformed launch environment
+        return _error(str(e), 2)
+
     from dsv3_jax.training.loop import Diverged, train
 
     try:
@@ -60,13 +69,15 @@ def main(argv: list[str] | None = None) -> int:
                               f"{cfg.model.vocab_size}; raise model.vocab_size or lower data.tokenizer_vocab_size")
     except ValueError as e:  # ConfigError and the data module's errors (DataError is a ValueError)
         return _error(str(e), 2)
-    shard = {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
 
-    def make_train_iter(batch_size: int):
-        return data.make_iterator(cfg.data, tokenizer, batch_size, split="train", **shard)
+    # The loop passes each process's shard of the batch (shard_index/shard_count; 0 of 1 on a single process).
+    def make_train_iter(batch_size: int, shard_index: int = 0, shard_count: int = 1):
+        return data.make_iterator(cfg.data, tokenizer, batch_size, split="train", shard_index=shard_index,
+                                  shard_count=shard_count)
 
-    def make_eval_iter(batch_size: int):
-        return data.make_iterator(cfg.data, tokenizer, batch_size, split="validation", **shard)
+    def make_eval_iter(batch_size: int, shard_index: int = 0, shard_count: int = 1):
+        return data.make_iterator(cfg.data, tokenizer, batch_size, split="validation", shard_index=shard_index,
+                                  shard_count=shard_count)
 
     try:
         result = train(cfg, make_train_iter, make_eval_iter if cfg.train.eval_every > 0 else None)
@@ -74,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         return _error(str(e), 3)
     except ConfigError as e:  # e.g. run_dir holds checkpoints of a different model
         return _error(str(e), 2)
-    print(f"done: step {result.step}, {result.tokens_seen} tokens, run dir {cfg.run_dir}", file=sys.stderr)
+    if jax.process_index() == 0:
+        print(f"done: step {result.step}, {result.tokens_seen} tokens, run dir {cfg.run_dir}", file=sys.stderr)
     return 0
 
 

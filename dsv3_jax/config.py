@@ -214,6 +214,16 @@ class MeshConfig:
     tensor: int = 1  # heads / FFN width / vocab sharded (off in the report's recipe)
     pipeline_microbatches: int = 0  # micro-batches per step through the pipeline; 0 = 2 × pipeline stages
     zero1: bool = True  # shard optimizer state over `data` (ZeRO-1); false = replicate it like the params
+    # Node-limited routing (REFERENCE §5, §10): require that model.n_group router groups each sit on one node of
+    # the expert axis, so group-limited top-k sends every token to experts on ≤ model.topk_group nodes. Checked
+    # when the mesh is built (error if the groups straddle nodes); routing numerics do not change.
+    node_limited_routing: bool = False
+    expert_shards_per_node: int = 0  # expert-axis shards per node for that check; 0 = one process's (host's)
+
+    def __post_init__(self) -> None:
+        if self.expert_shards_per_node < 0:
+            raise ConfigError(f"mesh.expert_shards_per_node={self.expert_shards_per_node}: must be ≥ 0 (0 = derive "
+                              f"from the processes)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,13 +4,18 @@ Layout of ``run_dir/checkpoints/<step>/`` (one Orbax ``CheckpointManager`` step,
 
     variables/   {'params', 'router'}            — all that serving/notebooks need (:func:`restore_params`)
     opt/         {'opt_state', 'rng'}
-    meta/        JSON {'step', 'tokens_seen', 'data': data iterator state}   (exact Python ints)
+    meta/        JSON {'step', 'tokens_seen', 'data': data iterator state}   (exact Python ints; a multi-process
+                 run stores 'data_by_process': every process's iterator state, in process order)
     config/      JSON of the resolved :class:`Config`
 
 Atomicity comes from Orbax: a step is written to ``<step>.orbax-checkpoint-tmp-*`` and renamed into place only
 once every item is complete (on object stores a commit marker plays the rename's part). A crash or ``kill -9``
 mid-save leaves a tmp dir that the manager never lists (and deletes on the next start), so restore always finds
 the previous complete step.
+
+Multi-process: every process calls ``save``/``restore`` (Orbax writes each array shard from the process that
+holds it, and the primary process writes metadata and commits); ``run_dir`` must be on a filesystem all hosts
+share.
 """
 
 from __future__ import annotations
@@ -62,10 +67,14 @@ class Checkpointer:
 
     def save(self, state: TrainState, data_state: dict[str, Any] | None, cfg: Config) -> bool:
         """Start saving ``state`` at step ``state.step``; False if that step is already saved."""
+        from sharding.distributed import allgather_json
+
         step = int(state.step)
         if step in self._mgr.all_steps():
             return False
         meta = {"step": step, "tokens_seen": int(state.tokens_seen), "data": data_state}
+        if jax.process_count() > 1:  # only the primary process writes JSON items: gather every position
+            meta = dict(meta, data=None, data_by_process=allgather_json(data_state))
         args = ocp.args.Composite(
             variables=ocp.args.StandardSave({"params": state.params, "router": state.router}),
             opt=ocp.args.StandardSave({"opt_state": state.opt_state, "rng": state.rng}),
@@ -90,7 +99,15 @@ class Checkpointer:
         meta = r.meta
         state = TrainState(r.variables["params"], r.variables["router"], r.opt["opt_state"],
                            np.int64(meta["step"]), np.int64(meta["tokens_seen"]), r.opt["rng"])
-        return state, meta.get("data")
+        per_process = meta.get("data_by_process")
+        if per_process is None and jax.process_count() == 1:
+            return state, meta.get("data")
+        have = 1 if per_process is None else len(per_process)
+        if have != jax.process_count():
+            raise ConfigError(f"{self.directory}/{step} holds the data positions of {have} process(es) but this run "
+                              f"has {jax.process_count()}; resume with {have} process(es) (any devices per process) "
+                              f"or start a new run_dir")
+        return state, per_process[jax.process_index()]
 
     def saved_config(self, step: int | None = None) -> dict[str, Any]:
         """The config dict stored with ``step`` (latest by default)."""

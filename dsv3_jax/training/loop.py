@@ -5,6 +5,11 @@ Data comes in through the data module's contract only: ``make_train_iter(batch_s
 ``make_eval_iter(batch_size)`` the same for held-out data (or None: no evaluation). Both are built with the
 micro-batch size; a step draws as many micro-batches as the batch ramp asks for.
 
+Multi-process runs (``sharding/distributed.py``): each process's iterators are built with its share of the
+micro-batch and called as ``make_train_iter(batch_size, shard_index=i, shard_count=n)`` (likewise for eval):
+they must yield shard ``i`` of ``n`` of the data. Only process 0 writes config.yaml, metrics and events; every
+process takes part in checkpointing (each saves and restores its own data position).
+
 Restarting with the same config resumes from the latest complete checkpoint (params, router, optimiser,
 counters, rng and the data position), and the losses that follow are bit-identical to an uninterrupted run.
 SIGTERM/SIGINT finish the current step, save and return; a non-finite loss or gradient norm raises
@@ -46,7 +51,7 @@ class Diverged(RuntimeError):
 class RunResult:
     step: int
     tokens_seen: int
-    stopped_by: str | None  # None (finished), "SIGTERM" or "SIGINT"
+    stopped_by: str | None  # None (finished), "SIGTERM", "SIGINT" or "another process" (its signal)
     last_record: dict[str, Any] | None
 
 
@@ -90,6 +95,9 @@ def build_mesh(cfg: Config):
     from sharding.mesh import make_mesh, mesh_shape
 
     sizes = mesh_shape(cfg.mesh, jax.device_count())
+    if jax.process_count() > 1 and math.prod(sizes.values()) != jax.device_count():
+        raise ConfigError(f"{jax.process_count()} processes: the mesh must span all {jax.device_count()} devices, "
+                          f"but mesh {sizes} uses {math.prod(sizes.values())} (e.g. set mesh.data=-1)")
     if math.prod(sizes.values()) == 1:
         return None
     mesh = make_mesh(cfg.mesh)
@@ -108,21 +116,33 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
     Raises :class:`Diverged` on a non-finite loss/grad norm and ConfigError if the run dir's checkpoint holds a
     different model.
     """
+    from sharding.distributed import any_process, batch_shard, is_main_process
+
     t = cfg.train
+    main = is_main_process()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if main:
+        save_config(cfg, run_dir / "config.yaml")
     mb, seq_len = micro_batch_size(t), cfg.data.seq_len
 
-    progress = metrics_lib.Progress(t.steps, every=t.log_every)
-    it = make_train_iter(mb)
+    progress = metrics_lib.Progress(t.steps, every=t.log_every, enabled=main)
+    mesh = build_mesh(cfg)
+    if cfg.mesh.node_limited_routing:  # ConfigError if router groups straddle nodes of the expert axis
+        from sharding.expert import check_node_limited
+
+        progress.message(check_node_limited(cfg.model, mesh, cfg.mesh.expert_shards_per_node))
+    # This process's rows of every micro-batch; its iterators yield only those (all rows on one process).
+    shard_index, shard_count = batch_shard(mesh) if mesh is not None else (0, 1)
+    local_mb = mb // shard_count
+    shard = {} if shard_count == 1 else {"shard_index": shard_index, "shard_count": shard_count}
+    it = make_train_iter(local_mb, **shard)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoint)
     try:
         ckpt.check_compatible(cfg)  # before any compile: a clear ConfigError instead of an Orbax shape error
     except Exception:
         ckpt.close()
         raise
-    mesh = build_mesh(cfg)
     if mesh is not None:
         from sharding.pipeline import bubble_fraction
 
@@ -137,7 +157,7 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
         if data_state is not None:
             it.set_state(data_state)
         progress.message(f"resumed from {ckpt.directory}/{int(state.step)} ({int(state.tokens_seen)} tokens)")
-    writer = metrics_lib.MetricsWriter(run_dir, resume_step=int(state.step))
+    writer = metrics_lib.MetricsWriter(run_dir, resume_step=int(state.step)) if main else None
     fpt = metrics_lib.flops_per_token(cfg.model, seq_len)
     peak = metrics_lib.peak_flops_per_device(t.peak_flops)
     eval_batches: list[np.ndarray] | None = None
@@ -146,10 +166,10 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
     record: dict[str, Any] | None = None
     try:
         with _StopOnSignal() as stop:
-            while int(state.step) < t.steps and stop.signal is None:
+            while int(state.step) < t.steps and not any_process(stop.signal is not None):
                 t0 = time.perf_counter()
                 n = num_micro_batches(t, int(state.tokens_seen))
-                batch = _next_batch(it, n, mb, seq_len)
+                batch = _next_batch(it, n, local_mb, seq_len)
                 prev_step = int(state.step)
                 state, m = train_step(state, batch, cfg, mesh)
                 if not bool(m["finite"]):  # waits for the step; cheap next to a real step
@@ -171,7 +191,7 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
                 evaluated = {}
                 if make_eval_iter is not None and t.eval_every > 0 and step % t.eval_every == 0:
                     if eval_batches is None:  # the same held-out batches every time: comparable numbers
-                        eval_it = make_eval_iter(mb)
+                        eval_it = make_eval_iter(local_mb, **shard)
                         eval_batches = [np.asarray(next(eval_it)["tokens"]) for _ in range(t.eval_batches)]
                     el = eval_loss(state, eval_batches, cfg, mesh)
                     evaluated = {"eval_loss": el, "eval_ppl": math.exp(min(el, 700.0))}
@@ -185,7 +205,8 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
                                   tokens_per_s=tokens_per_s,
                                   mfu=metrics_lib.mfu(tokens_per_s, fpt, peak, jax.device_count()),
                                   micro_batches=n, **evaluated)
-                    writer.write(record, expert_load=m["expert_load"])
+                    if writer is not None:
+                        writer.write(record, expert_load=m["expert_load"])
                     interval_tokens, interval_time, interval_losses = 0, 0.0, []
 
                 if t.checkpoint_every > 0 and step % t.checkpoint_every == 0:
@@ -193,12 +214,15 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
             # Finished, or a signal arrived: make sure the last completed step is on disk.
             if int(state.step) > 0:
                 ckpt.save(state, it.get_state(), cfg)
-            if stop.signal is not None:
-                progress.message(f"{stop.signal}: saved step {int(state.step)} to {ckpt.directory}; exiting")
+            # Stopped early: by a signal to this process, or (multi-process) to another one.
+            stopped_by = stop.signal or ("another process" if int(state.step) < t.steps else None)
+            if stopped_by is not None:
+                progress.message(f"{stopped_by}: saved step {int(state.step)} to {ckpt.directory}; exiting")
     finally:
         ckpt.close()  # waits for in-flight async saves (the previous good checkpoint stays complete)
-        writer.close()
-    return RunResult(int(state.step), int(state.tokens_seen), stop.signal, record)
+        if writer is not None:
+            writer.close()
+    return RunResult(int(state.step), int(state.tokens_seen), stopped_by, record)
 
 
 __all__ = ["DataIterator", "Diverged", "RunResult", "train"]

@@ -98,14 +98,17 @@ class Progress:
     steps. ETA uses the mean step time since the first step (which pays for compilation).
     """
 
-    def __init__(self, total: int, start: int = 0, every: int = 10, stream: TextIO | None = None) -> None:
-        self.total, self.start, self.every = total, start, max(1, every)
+    def __init__(self, total: int, start: int = 0, every: int = 10, stream: TextIO | None = None,
+                 enabled: bool = True) -> None:
+        self.total, self.start, self.every, self.enabled = total, start, max(1, every), enabled
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self._t_first: float | None = None
         self._n_timed = 0
 
     def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if not self.enabled:  # a multi-process run's other processes
+            return
         now = time.perf_counter()
         if self._t_first is None:
             self._t_first = now  # steps after this one are timed (the first includes compilation)
@@ -125,6 +128,8 @@ class Progress:
 
     def message(self, text: str) -> None:
         """A log message that does not garble the progress line."""
+        if not self.enabled:
+            return
         self.stream.write(("\n" if self.tty else "") + text + "\n")
         self.stream.flush()
 

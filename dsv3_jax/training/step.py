@@ -189,18 +189,22 @@ def train_step(state: TrainState, tokens: np.ndarray, cfg: Config, mesh: Any = N
     """One optimiser step on ``tokens [n, mb, T+1]`` (n micro-batches). Donates ``state``'s device buffers.
 
     With a ``mesh`` (from :func:`sharding.mesh.make_mesh`) the batch is split over its batch axes and the step
-    runs expert/pipeline/data parallel; the state keeps the shardings it came with.
+    runs expert/pipeline/data parallel; the state keeps the shardings it came with. In a multi-process run
+    ``tokens`` is this process's rows of each micro-batch (:func:`sharding.distributed.batch_shard`).
     Returns the new state and metrics as device arrays (fetch them only when needed: it waits for the step).
     """
     step, seen = int(state.step), int(state.tokens_seen)
     hyper = schedule(cfg.train, step, seen)
-    n, mb, t1 = tokens.shape
-    tokens = jnp.asarray(tokens, jnp.int32)
     if mesh is not None:
+        from sharding.distributed import to_global
         from sharding.partition import microbatch_sharding
 
-        tokens = jax.device_put(tokens, microbatch_sharding(mesh))
+        # Multi-process: ``tokens`` holds this process's rows of each micro-batch (sharding.distributed).
+        tokens = to_global(np.asarray(tokens, np.int32), microbatch_sharding(mesh), batch_dim=1)
         keep = jax.tree.map(lambda x: x.sharding, (state.params, state.router, state.opt_state, state.rng))
+    else:
+        tokens = jnp.asarray(tokens, jnp.int32)
+    n, mb, t1 = tokens.shape
     with _on_mesh(mesh, cfg):
         params, router, opt_state, rng, metrics = _train_core(
             state.params, state.router, state.opt_state, state.rng, tokens, hyper,
@@ -208,6 +212,10 @@ def train_step(state: TrainState, tokens: np.ndarray, cfg: Config, mesh: Any = N
             balance_alpha=cfg.train.balance_alpha)
     if mesh is not None:  # a no-op when the partitioner kept them in place
         params, router, opt_state, rng = jax.device_put((params, router, opt_state, rng), keep)
+        if jax.process_count() > 1:  # every process reads the metrics (e.g. expert_load is sharded over stages)
+            from sharding.partition import replicated
+
+            metrics = jax.device_put(metrics, replicated(mesh))
     step_tokens = n * mb * (t1 - 1)
     metrics = dict(metrics, lr=hyper.lr, mtp_lambda=hyper.mtp_lambda, tokens=step_tokens)
     return TrainState(params, router, opt_state, np.int64(step + 1), np.int64(seen + step_tokens), rng), metrics
@@ -222,12 +230,17 @@ def _eval_core(params, router, tokens, *, model_cfg: ModelConfig):
 def eval_loss(state: TrainState, batches: Any, cfg: Config, mesh: Any = None) -> float:
     """Mean next-token CE of the main head over ``batches`` (an iterable of tokens [B, T+1])."""
     put = (lambda b: jnp.asarray(b, jnp.int32))
-    if mesh is not None:
+    if mesh is not None:  # multi-process: each batch is this process's rows (see train_step)
+        from sharding.distributed import to_global
         from sharding.partition import batch_sharding
 
-        put = (lambda b: jax.device_put(jnp.asarray(b, jnp.int32), batch_sharding(mesh)))
+        put = (lambda b: to_global(np.asarray(b, np.int32), batch_sharding(mesh)))
     with _on_mesh(mesh, cfg):
         losses = [_eval_core(state.params, state.router, put(b), model_cfg=cfg.model) for b in batches]
+    if mesh is not None and jax.process_count() > 1:  # readable on every process
+        from sharding.partition import replicated
+
+        losses = jax.device_put(losses, replicated(mesh))
     if not losses:
         raise ValueError("eval_loss: no evaluation batches")
     return float(np.mean(jax.device_get(losses)))
