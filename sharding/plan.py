@@ -203,6 +203,9 @@ def _batch(cfg: Config, sizes: dict[str, int]) -> dict[str, Any]:
         notes.append(f"{m.num_moe_layers} MoE layers do not divide into {S} stages: planned with ceil = "
                      f"{-(-m.num_moe_layers // S)} layers on the busiest stage (sharding/pipeline.py needs "
                      f"uneven stages to run this)")
+    if m.remat != "full":
+        notes.append(f"model.remat={m.remat}: the activation model assumes remat=full (block inputs only); "
+                     f"saved activations are underestimated")
     tok = mb * T / Nb
     return {"micro_batch": mb, "accum_steps": n_acc, "seq_len": T, "batch_shards": Nb, "stages": S,
             "pipeline_microbatches": M, "tokens_per_device": tok, "tokens_per_device_microbatch": tok / M,
@@ -468,10 +471,11 @@ def lower_step(cfg: Config, sizes: dict[str, int]) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         mesh = abstract_mesh(sizes)
+        abstract_args = args(mesh)  # outside the context: the shardings come from an init traced without EP
         with parallel_context(mesh, cfg.mesh.pipeline_microbatches):
-            lowered = st._train_core.trace(*args(mesh), **static).lower(lowering_platforms=("cuda",))
+            lowered = st._train_core.trace(*abstract_args, **static).lower(lowering_platforms=("cuda",))
     except Exception as e:  # the plan still stands on the analytic model
-        res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        res["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:600]}"
         res["seconds"] = time.perf_counter() - t0
         return res
     res["seconds"] = time.perf_counter() - t0
@@ -486,13 +490,15 @@ def lower_step(cfg: Config, sizes: dict[str, int]) -> dict[str, Any]:
     except Exception as e:
         res["cost_analysis_error"] = f"{type(e).__name__}: {e}"[:300]
     res["memory_analysis"] = None
+    res["analytic_state_bytes"] = sum(r["device_bytes"] for r in state_leaves(cfg, sizes))
     n = math.prod(sizes.values())
     if n <= jax.device_count():
         from sharding.mesh import make_mesh
 
         mesh = make_mesh(MeshConfig(**sizes), jax.devices()[:n])
+        abstract_args = args(mesh)
         with parallel_context(mesh, cfg.mesh.pipeline_microbatches):
-            comp = st._train_core.trace(*args(mesh), **static).lower().compile()
+            comp = st._train_core.trace(*abstract_args, **static).lower().compile()
         ma = comp.memory_analysis()
         if ma is not None:
             res["memory_analysis"] = {f: int(getattr(ma, f)) for f in (
@@ -567,12 +573,17 @@ def serve_plan(cfg: Config, gpus: int, gpu_mem_gb: float, *, fp8: bool = False, 
 # ----------------------------------------------------------------------------------------------------------
 
 
+_UNIT = [GB, "GB"]  # set per printed plan: MB for small configs
+
+
 def _gb(x: float) -> str:
-    return f"{x / GB:9.2f}"
+    return f"{x / _UNIT[0]:9.2f}"
 
 
 def format_plan(p: dict[str, Any]) -> str:
     c, b, mem, pr = p["config"], p["batch"], p["memory"], p["params"]
+    _UNIT[:] = [GB, "GB"] if mem["total"] >= GB else [1e6, "MB"]
+    U = _UNIT[1]
     mesh = " × ".join(f"{ax}={n}" for ax, n in c["mesh"].items() if n > 1) or "one device"
     L = [f"Plan: {mesh} ({c['devices']} devices), per device, GB = 1e9 bytes, budget {c['gpu_mem_gb']:g} GB",
          f"params: {pr['total_with_mtp'] / 1e9:.2f}B with MTP = {pr['main'] / 1e9:.2f}B main + {pr['mtp'] / 1e9:.2f}B"
@@ -585,28 +596,28 @@ def format_plan(p: dict[str, Any]) -> str:
          f"activations {c['dtype']}, remat {c['remat']}, precision {c['precision']}"]
     L += [f"note: {n}" for n in b["notes"]]
     L += ["", f"Memory (this repo's code; peak phase: {mem['peak_phase']}; state on {mem['state_where']})",
-          f"  {'term':<24}{'GB':>9}"]
+          f"  {'term':<24}{U:>9}"]
     L += [f"  {k:<24}{_gb(v)}" for k, v in mem["terms"].items()]
     verdict = "FITS" if mem["fits"] else "DOES NOT FIT"
     L += [f"  {'total':<24}{_gb(mem['total'])}   {verdict} in {c['gpu_mem_gb']:g} GB "
           f"(margin {mem['margin'] / GB:+.2f} GB)"]
     biggest = max(mem["terms"], key=mem["terms"].get)
-    L += [f"  dominant term: {biggest} ({mem['terms'][biggest] / GB:.2f} GB)"]
-    L += ["  phases: " + "; ".join(f"{n} {v['total'] / GB:.1f}" for n, v in mem["phases"].items())]
+    L += [f"  dominant term: {biggest} ({mem['terms'][biggest] / _UNIT[0]:.2f} {U})"]
+    L += [f"  phases ({U}): " + "; ".join(f"{n} {v['total'] / _UNIT[0]:.1f}" for n, v in mem["phases"].items())]
     if "ladder" in p:
         L += ["", "What would fix it (cumulative what-ifs, analytic; only the first row is implemented):",
-              f"  {'step':<58}{'total GB':>9}  {'verdict':<13}largest term"]
+              f"  {'step':<58}{'total ' + U:>9}  {'verdict':<13}largest term"]
         for s in p["ladder"]:
             big = max(s["terms"], key=s["terms"].get)
             L += [f"  {s['label']:<58}{_gb(s['total'])}  {'FITS' if s['fits'] else 'DOES NOT FIT':<13}"
-                  f"{big} {s['terms'][big] / GB:.1f}"]
+                  f"{big} {s['terms'][big] / _UNIT[0]:.1f}"]
     L += ["", "Collectives per optimizer step (bytes sent per device, analytic)",
-          f"  {'axis':<10}{'GB':>10}  what"]
+          f"  {'axis':<10}{U:>10}  what"]
     for r in sorted(p["collectives"], key=lambda r: AXES.index(r["axis"])):
-        L += [f"  {r['axis']:<10}{r['bytes'] / GB:10.2f}  {r['what']}"]
+        L += [f"  {r['axis']:<10}{r['bytes'] / _UNIT[0]:10.2f}  {r['what']}"]
     alt = [r for r in p.get("collectives_alltoall", []) if "EP" in r["what"]]
     for r in alt:
-        L += [f"  {r['axis']:<10}{r['bytes'] / GB:10.2f}  what-if: {r['what']}"]
+        L += [f"  {r['axis']:<10}{r['bytes'] / _UNIT[0]:10.2f}  what-if: {r['what']}"]
     if "lowered" in p:
         lo = p["lowered"]
         L += ["", "Lowered train step (cuda, AbstractMesh, no allocation)"]
@@ -619,6 +630,10 @@ def format_plan(p: dict[str, Any]) -> str:
                 ma = lo["memory_analysis"]
                 L += [f"  XLA memory analysis ({ma['backend']} compile on local devices): " + ", ".join(
                     f"{k.removesuffix('_size_in_bytes')} {v / 1e6:.2f} MB" for k, v in ma.items() if k != "backend")]
+                L += [f"  analytic state (params + router + moments) {lo['analytic_state_bytes'] / 1e6:.2f} MB vs "
+                      f"XLA arguments {ma['argument_size_in_bytes'] / 1e6:.2f} MB (+ tokens, rng, scalars); analytic "
+                      f"grads + activations {(mem['total'] - mem['terms']['params'] - mem['terms']['optimizer moments']) / 1e6:.2f}"
+                      f" MB vs XLA temp {ma['temp_size_in_bytes'] / 1e6:.2f} MB"]
             else:
                 L += [f"  {lo.get('memory_analysis_note', '')}"]
     return "\n".join(L)
