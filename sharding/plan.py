@@ -458,7 +458,7 @@ def lower_step(cfg: Config, sizes: dict[str, int]) -> dict[str, Any]:
     def args(mesh):
         p, r, o = abstract_state(cfg)
         ps, rs, os_ = state_shardings(p, r, o, cfg.model, mesh, cfg.mesh.zero1)
-        sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+        sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
         rep = NamedSharding(mesh, P())
         tok = jax.ShapeDtypeStruct((b["accum_steps"], b["micro_batch"], b["seq_len"] + 1), jnp.int32,
                                    sharding=microbatch_sharding(mesh))
@@ -466,15 +466,15 @@ def lower_step(cfg: Config, sizes: dict[str, int]) -> dict[str, Any]:
         return (jax.tree.map(sds, p, ps), jax.tree.map(sds, r, rs), jax.tree.map(sds, o, os_),
                 jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep), tok, hyper)
 
-    static = dict(model_cfg=st.training_model_config(cfg), opt=optim.OptimSettings.from_train(cfg.train),
-                  balance_alpha=cfg.train.balance_alpha)
+    static = {"model_cfg": st.training_model_config(cfg), "opt": optim.OptimSettings.from_train(cfg.train),
+                  "balance_alpha": cfg.train.balance_alpha}
     t0 = time.perf_counter()
     try:
         mesh = abstract_mesh(sizes)
         abstract_args = args(mesh)  # outside the context: the shardings come from an init traced without EP
         with parallel_context(mesh, cfg.mesh.pipeline_microbatches):
             lowered = st._train_core.trace(*abstract_args, **static).lower(lowering_platforms=("cuda",))
-    except Exception as e:  # the plan still stands on the analytic model
+    except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:  # the analytic plan still stands
         res["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:600]}"
         res["seconds"] = time.perf_counter() - t0
         return res
@@ -487,7 +487,7 @@ def lower_step(cfg: Config, sizes: dict[str, int]) -> dict[str, Any]:
         ca = lowered.cost_analysis()
         res["flops"] = float(ca.get("flops", 0.0))
         res["bytes_accessed"] = float(ca.get("bytes accessed", 0.0))
-    except Exception as e:
+    except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
         res["cost_analysis_error"] = f"{type(e).__name__}: {e}"[:300]
     res["memory_analysis"] = None
     res["analytic_state_bytes"] = sum(r["device_bytes"] for r in state_leaves(cfg, sizes))
@@ -586,21 +586,21 @@ def format_plan(p: dict[str, Any]) -> str:
     U = _UNIT[1]
     mesh = " × ".join(f"{ax}={n}" for ax, n in c["mesh"].items() if n > 1) or "one device"
     L = [f"Plan: {mesh} ({c['devices']} devices), per device, GB = 1e9 bytes, budget {c['gpu_mem_gb']:g} GB",
-         f"params: {pr['total_with_mtp'] / 1e9:.2f}B with MTP = {pr['main'] / 1e9:.2f}B main + {pr['mtp'] / 1e9:.2f}B"
-         f" MTP; activated {pr['activated'] / 1e9:.2f}B/token; {pr['per_device'] / 1e9:.3f}B on the busiest device",
-         f"batch: {b['accum_steps']} × {b['micro_batch']} sequences of {b['seq_len']}; "
+         (f"params: {pr['total_with_mtp'] / 1e9:.2f}B with MTP = {pr['main'] / 1e9:.2f}B main + {pr['mtp'] / 1e9:.2f}B"
+         f" MTP; activated {pr['activated'] / 1e9:.2f}B/token; {pr['per_device'] / 1e9:.3f}B on the busiest device"),
+         (f"batch: {b['accum_steps']} × {b['micro_batch']} sequences of {b['seq_len']}; "
          f"{b['tokens_per_device']:.0f} tokens/device per micro-batch; pipeline {b['stages']} stages × "
          f"{b['pipeline_microbatches']} micro-batches ({b['tokens_per_device_microbatch']:.0f} tokens/device), "
-         f"{b['moe_layers_per_stage']} MoE layers on the busiest stage",
-         f"recipe: params FP32, moments {c['moments_dtype']} (ZeRO-1 {'on' if c['zero1'] else 'off'}), "
-         f"activations {c['dtype']}, remat {c['remat']}, precision {c['precision']}"]
+         f"{b['moe_layers_per_stage']} MoE layers on the busiest stage"),
+         (f"recipe: params FP32, moments {c['moments_dtype']} (ZeRO-1 {'on' if c['zero1'] else 'off'}), "
+         f"activations {c['dtype']}, remat {c['remat']}, precision {c['precision']}")]
     L += [f"note: {n}" for n in b["notes"]]
     L += ["", f"Memory (this repo's code; peak phase: {mem['peak_phase']}; state on {mem['state_where']})",
           f"  {'term':<24}{U:>9}"]
     L += [f"  {k:<24}{_gb(v)}" for k, v in mem["terms"].items()]
     verdict = "FITS" if mem["fits"] else "DOES NOT FIT"
-    L += [f"  {'total':<24}{_gb(mem['total'])}   {verdict} in {c['gpu_mem_gb']:g} GB "
-          f"(margin {mem['margin'] / GB:+.2f} GB)"]
+    L += [(f"  {'total':<24}{_gb(mem['total'])}   {verdict} in {c['gpu_mem_gb']:g} GB "
+          f"(margin {mem['margin'] / GB:+.2f} GB)")]
     biggest = max(mem["terms"], key=mem["terms"].get)
     L += [f"  dominant term: {biggest} ({mem['terms'][biggest] / _UNIT[0]:.2f} {U})"]
     L += [f"  phases ({U}): " + "; ".join(f"{n} {v['total'] / _UNIT[0]:.1f}" for n, v in mem["phases"].items())]
@@ -609,8 +609,8 @@ def format_plan(p: dict[str, Any]) -> str:
               f"  {'step':<58}{'total ' + U:>9}  {'verdict':<13}largest term"]
         for s in p["ladder"]:
             big = max(s["terms"], key=s["terms"].get)
-            L += [f"  {s['label']:<58}{_gb(s['total'])}  {'FITS' if s['fits'] else 'DOES NOT FIT':<13}"
-                  f"{big} {s['terms'][big] / _UNIT[0]:.1f}"]
+            L += [(f"  {s['label']:<58}{_gb(s['total'])}  {'FITS' if s['fits'] else 'DOES NOT FIT':<13}"
+                  f"{big} {s['terms'][big] / _UNIT[0]:.1f}")]
     L += ["", "Collectives per optimizer step (bytes sent per device, analytic)",
           f"  {'axis':<10}{U:>10}  what"]
     for r in sorted(p["collectives"], key=lambda r: AXES.index(r["axis"])):
@@ -624,34 +624,34 @@ def format_plan(p: dict[str, Any]) -> str:
         if "error" in lo:
             L += [f"  not lowered ({lo['seconds']:.1f} s): {lo['error']}"]
         else:
-            L += [f"  lowered in {lo['seconds']:.1f} s; module FLOPs {lo.get('flops', 0):.3e} (pre-partitioning, "
-                  f"shard_map bodies counted per shard); collectives in module {lo['collectives_in_module']}"]
+            L += [(f"  lowered in {lo['seconds']:.1f} s; module FLOPs {lo.get('flops', 0):.3e} (pre-partitioning, "
+                  f"shard_map bodies counted per shard); collectives in module {lo['collectives_in_module']}")]
             if lo.get("memory_analysis"):
                 ma = lo["memory_analysis"]
                 L += [f"  XLA memory analysis ({ma['backend']} compile on local devices): " + ", ".join(
                     f"{k.removesuffix('_size_in_bytes')} {v / 1e6:.2f} MB" for k, v in ma.items() if k != "backend")]
-                L += [f"  analytic state (params + router + moments) {lo['analytic_state_bytes'] / 1e6:.2f} MB vs "
+                L += [(f"  analytic state (params + router + moments) {lo['analytic_state_bytes'] / 1e6:.2f} MB vs "
                       f"XLA arguments {ma['argument_size_in_bytes'] / 1e6:.2f} MB (+ tokens, rng, scalars); analytic "
                       f"grads + activations {(mem['total'] - mem['terms']['params'] - mem['terms']['optimizer moments']) / 1e6:.2f}"
-                      f" MB vs XLA temp {ma['temp_size_in_bytes'] / 1e6:.2f} MB"]
+                      f" MB vs XLA temp {ma['temp_size_in_bytes'] / 1e6:.2f} MB")]
             else:
                 L += [f"  {lo.get('memory_analysis_note', '')}"]
     return "\n".join(L)
 
 
 def format_serve(s: dict[str, Any]) -> str:
-    L = [f"Serving: {s['gpus']} GPUs × {s['gpu_mem_gb']:g} GB, weights {s['weights']}, MTP "
-         f"{'kept (speculative)' if s['mtp'] else 'dropped'}",
+    L = [(f"Serving: {s['gpus']} GPUs × {s['gpu_mem_gb']:g} GB, weights {s['weights']}, MTP "
+         f"{'kept (speculative)' if s['mtp'] else 'dropped'}"),
          f"suggested mesh: {s['suggested_mesh']}",
          f"  weights total              {s['weights_total_bytes'] / GB:9.2f} GB",
-         f"  weights per device         {s['weights_per_device_bytes'] / GB:9.2f} GB "
+         (f"  weights per device         {s['weights_per_device_bytes'] / GB:9.2f} GB "
          f"(experts {s['expert_weights_per_device_bytes'] / GB:.2f} + replicated "
-         f"{s['replicated_weights_per_device_bytes'] / GB:.2f})",
+         f"{s['replicated_weights_per_device_bytes'] / GB:.2f})"),
          f"  reserve (activations, CUDA/NCCL) {s['reserve_gb']:5.1f} GB",
-         f"  KV (latent) per token      {s['kv_bytes_per_token']:9d} B = {s['kv_layers']} layers × "
-         f"{s['kv_values_per_token_per_layer']} values × {jnp.dtype(s['kv_dtype']).itemsize} B ({s['kv_dtype']})",
-         f"  free for KV per device     {s['free_for_kv_bytes'] / GB:9.2f} GB → "
-         f"{s['kv_tokens_per_device']:,} tokens/device, {'FITS' if s['fits'] else 'DOES NOT FIT'}",
+         (f"  KV (latent) per token      {s['kv_bytes_per_token']:9d} B = {s['kv_layers']} layers × "
+         f"{s['kv_values_per_token_per_layer']} values × {jnp.dtype(s['kv_dtype']).itemsize} B ({s['kv_dtype']})"),
+         (f"  free for KV per device     {s['free_for_kv_bytes'] / GB:9.2f} GB → "
+         f"{s['kv_tokens_per_device']:,} tokens/device, {'FITS' if s['fits'] else 'DOES NOT FIT'}"),
          "", f"  {'batch':>6} {'seqs/device':>12} {'max context/seq':>16} {'capped at max_pos':>18}"]
     L += [f"  {r['batch']:>6} {r['seqs_per_device']:>12} {r['max_context']:>16,} {r['max_context_capped']:>18,}"
           for r in s["batches"]]
