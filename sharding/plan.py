@@ -180,6 +180,7 @@ class Knobs:
     head: str = "full"  # full: FP32 logits of the whole local batch | chunked: one micro-batch at a time
     outer_in_pipeline: bool = False  # embedding/dense on the first stage, head/MTP on the last, per micro-batch
     grad_buffers: int | None = None  # None: 2 with accumulation (this repo), else 1; or explicit
+    saved_bytes_per_token_layer: float | None = None  # None: remat=full (the block input); else e.g. selective
 
 
 def _batch(cfg: Config, sizes: dict[str, int]) -> dict[str, Any]:
@@ -255,59 +256,84 @@ def _state_totals(rows: list[dict], cfg: Config, b: dict, k: Knobs) -> dict[str,
     return out
 
 
-def _busiest_stage(groups: dict[str, dict[str, float]], m: ModelConfig, S: int) -> tuple[dict[str, float], str]:
-    """What-if: embedding + dense layers on stage 0, head + MTP on the last, MoE layers balanced by bytes."""
-    L = m.num_moe_layers
+def _stage_layout(groups: dict[str, dict[str, float]], m: ModelConfig, S: int, mirror: bool, layer_b: float,
+                  vec_b: float) -> tuple[dict[str, float], float, str]:
+    """What-if layout: embedding + dense layers on stage 0, head + MTP on the last, the MoE layers spread to
+    minimise the busiest device's params (``mirror``: DualPipe, device i also holds stage S−1−i).
+    ``layer_b``: saved bytes per token of one block, ``vec_b``: of one [d] vector (embedding out, MTP pieces).
+    Returns (state bytes of the busiest device, saved bytes per token per micro-batch on the worst stage, text)."""
+    L, nd, D = m.num_moe_layers, m.first_k_dense_replace, m.num_nextn_predict_layers
     Ls = -(-L // S)
     per_layer = {key: v / Ls for key, v in groups["moe"].items()}
     first = {key: groups.get("embed", {}).get(key, 0) + groups.get("dense", {}).get(key, 0) for key in per_layer}
     last = {key: groups.get("head", {}).get(key, 0) + groups.get("mtp", {}).get(key, 0) for key in per_layer}
+    first_in = vec_b + nd * layer_b  # embedding output + dense blocks
+    last_in = (3 + 4 * D) * vec_b + D * layer_b  # hidden, pipeline output, head input; MTP pieces + block
     if S == 1:
-        return {key: first[key] + last[key] + L * per_layer[key] for key in per_layer}, f"all {L} MoE layers"
+        st = {key: first[key] + last[key] + L * per_layer[key] for key in per_layer}
+        return st, first_in + last_in + L * layer_b, f"all {L} MoE layers"
     best = None
     for x in range(Ls + 1):
         for y in range(Ls + 1):
-            mid = -(-(L - x - y) // (S - 2)) if S > 2 else 0
             if S == 2 and x + y != L:
                 continue
-            loads = [first["params"] + x * per_layer["params"], last["params"] + y * per_layer["params"],
-                     mid * per_layer["params"]]
-            if best is None or max(loads) < best[0]:
-                best = (max(loads), x, y, mid)
-    _, x, y, mid = best
-    cand = {"first": {key: first[key] + x * per_layer[key] for key in per_layer},
-            "last": {key: last[key] + y * per_layer[key] for key in per_layer},
-            "middle": {key: mid * per_layer[key] for key in per_layer}}
-    name = max(cand, key=lambda c: sum(cand[c].values()))
-    return cand[name], f"{name} stage (first: embed+dense+{x} MoE, last: head+MTP+{y} MoE, middle: {mid} MoE)"
+            mid = -(-(L - x - y) // (S - 2)) if S > 2 else 0
+            f = {key: first[key] + x * per_layer[key] for key in per_layer}
+            la = {key: last[key] + y * per_layer[key] for key in per_layer}
+            mi = {key: mid * per_layer[key] for key in per_layer}
+            devices = ([("first+last", f, la), ("middle+middle", mi, mi)] if mirror else
+                       [("first", f), ("last", la), ("middle", mi)])
+            loads = [(sum(sum(part.values()) for part in dev[1:]), dev) for dev in devices]
+            worst = max(loads, key=lambda t: t[0])
+            if best is None or worst[0] < best[0]:
+                best = (worst[0], worst[1], x, y, mid)
+    _, dev, x, y, mid = best
+    st = {key: sum(part[key] for part in dev[1:]) for key in per_layer}
+    inputs = max(first_in + x * layer_b, last_in + y * layer_b, mid * layer_b)
+    return st, inputs, (f"{dev[0]} stage{'s' if mirror else ''} (first: embed+dense+{x} MoE, last: head+MTP+{y} "
+                        f"MoE, middle: {mid} MoE{'; DualPipe: device i holds stages i and S-1-i' if mirror else ''})")
+
+
+def selective_bytes_per_token_layer(m: ModelConfig) -> float:
+    """Saved bytes per token per MoE layer under the report's recipe (TR §3.3, REFERENCE §4/§8): recompute
+    RMSNorm, MLA up-projections and SwiGLU; cache GEMM inputs in FP8, the o_proj input in E5M6 (1.5 B), the
+    residual stream in BF16. A rough estimate (the report gives no per-tensor list)."""
+    d, h, K, f = m.hidden_size, m.num_attention_heads, m.num_experts_per_tok, m.moe_intermediate_size
+    return (d + (m.q_lora_rank or 0) + m.kv_lora_rank + m.qk_rope_head_dim  # attention GEMM inputs, FP8
+            + h * 4  # softmax log-sum-exp, FP32
+            + 1.5 * h * m.v_head_dim  # o_proj input, E5M6
+            + d  # MLP input, FP8
+            + K * d + 2 * K * f  # dispatched expert inputs + SwiGLU inputs, FP8
+            + 2 * f * m.n_shared_experts  # shared expert SwiGLU inputs, FP8
+            + 4 * m.n_routed_experts  # router scores, FP32
+            + 2 * d)  # residual stream, BF16
 
 
 def memory(cfg: Config, sizes: dict[str, int], rows: list[dict], k: Knobs = Knobs()) -> dict[str, Any]:
     m, b = cfg.model, _batch(cfg, sizes)
     a = jnp.dtype(m.dtype).itemsize
-    ac = k.act_cache_bytes or a
     d, V, D, T = m.hidden_size, m.vocab_size, m.num_nextn_predict_layers, b["seq_len"]
     S, M, Ls = b["stages"], b["pipeline_microbatches"], b["moe_layers_per_stage"]
     tok, tok_pm = b["tokens_per_device"], b["tokens_per_device_microbatch"]
     ep = sizes["expert"]
+    per_tok = k.saved_bytes_per_token_layer or d * (k.act_cache_bytes or a)  # one saved block input
 
     groups = _state_totals(rows, cfg, b, k)
-    where = "every device (embedding, dense, head, MTP replicated over pipeline)"
-    if k.outer_in_pipeline:
-        st, where = _busiest_stage(groups, m, S)
-    else:
-        st = {key: sum(g[key] for g in groups.values()) for key in ("params", "grads", "moments")}
-    if k.schedule == "dualpipe":  # two copies of the stage's layers (TR Table 2: parameters 2x)
-        moe = groups["moe"]
-        st = {key: st[key] + moe[key] for key in st}
-
     slots = {"gpipe": M + S - 1, "1f1b": S, "dualpipe": S + 1}[k.schedule] if S > 1 else 1
-    outer_tok = tok_pm if k.outer_in_pipeline else tok
-    outer_slots = slots if k.outer_in_pipeline else 1
-    saved_pipe = slots * Ls * tok_pm * d * ac
-    saved_outer = outer_slots * (1 + m.first_k_dense_replace + 3 + 5 * D) * outer_tok * d * ac
-    if k.outer_in_pipeline:  # split over the first (embedding, dense) and last (MTP, head) stages: the larger
-        saved_outer = outer_slots * max(1 + m.first_k_dense_replace, 3 + 5 * D) * outer_tok * d * ac
+    outer_units = 1 + m.first_k_dense_replace + 3 + 5 * D
+    if k.outer_in_pipeline:
+        st, per_mb, where = _stage_layout(groups, m, S, k.schedule == "dualpipe", per_tok,
+                                          d * (k.act_cache_bytes or a))
+        saved_pipe, saved_outer = slots * per_mb * tok_pm, 0.0
+        outer_tok = tok_pm
+    else:
+        where = "every device (embedding, dense, head, MTP replicated over pipeline)"
+        st = {key: sum(g[key] for g in groups.values()) for key in ("params", "grads", "moments")}
+        if k.schedule == "dualpipe":  # two copies of the stage's layers (TR Table 2: parameters 2x)
+            st = {key: st[key] + groups["moe"][key] for key in st}
+        saved_pipe = slots * Ls * tok_pm * per_tok
+        saved_outer = outer_units * tok * d * (k.act_cache_bytes or a)
+        outer_tok = tok
     head_tok = tok_pm if k.head == "chunked" else tok
     logits = (1 + D + 1) * head_tok * V * 4 if k.head == "full" else 2 * head_tok * V * 4
 
@@ -318,7 +344,8 @@ def memory(cfg: Config, sizes: dict[str, int], rows: list[dict], k: Knobs = Knob
                                "EP dispatch buffers": _ep_bytes(m, ep, tok_pm, k.ep) if ep > 1 else 0.0},
     }
     if m.first_k_dense_replace:
-        phases["dense layer backward"] = {"activations (saved)": saved_outer,
+        phases["dense layer backward"] = {"activations (saved)": saved_outer if not k.outer_in_pipeline
+                                          else saved_pipe,
                                           "layer working set": _working_bytes(m, "dense", outer_tok, T)}
     if D:
         phases["MTP layer backward"] = {"activations (saved)": saved_pipe + saved_outer,
@@ -402,6 +429,21 @@ LADDER = (
 )
 
 
+def report_recipe(m: ModelConfig) -> Knobs:
+    """The TR's setting (REFERENCE §10, §8): DualPipe, all-to-all EP, embedding/head on the end stages, one
+    FP32 grad buffer, selective recompute with FP8 activation caching (moments and ZeRO-1 come from the config)."""
+    return Knobs(schedule="dualpipe", ep="alltoall", head="chunked", outer_in_pipeline=True, grad_buffers=1,
+                 saved_bytes_per_token_layer=selective_bytes_per_token_layer(m))
+
+
+def _max_tokens(mm: dict, budget: float, b: dict) -> float:
+    """Tokens per device per pipeline micro-batch at which the peak would just fit: every activation term is
+    linear in the micro-batch, the state is not (scales the micro-batch at a fixed number of micro-batches)."""
+    state = mm["terms"]["params"] + mm["terms"]["grads"] + mm["terms"]["optimizer moments"]
+    act = mm["total"] - state
+    return max(0.0, (budget - state) / act * b["tokens_per_device_microbatch"]) if act > 0 else math.inf
+
+
 def plan(cfg: Config, mesh_sizes: dict[str, int] | str | None = None, *, gpu_mem_gb: float = 80.0,
          lower: bool = False, ladder: bool = True) -> dict[str, Any]:
     """The training plan of ``cfg`` on ``mesh_sizes`` (dict of axis sizes, or "pipeline=16,expert=64,data=2";
@@ -427,12 +469,20 @@ def plan(cfg: Config, mesh_sizes: dict[str, int] | str | None = None, *, gpu_mem
         "collectives": collectives(cfg, sizes, rows),
     }
     if ladder:
+        b = out["batch"]
         steps, k = [], Knobs()
         for label, change in LADDER:
             k = dataclasses.replace(k, **change)
             mm = memory(cfg, sizes, rows, k)
             steps.append({"label": label, "total": mm["total"], "fits": mm["total"] <= budget,
-                          "peak_phase": mm["peak_phase"], "terms": mm["terms"], "knobs": dataclasses.asdict(k)})
+                          "peak_phase": mm["peak_phase"], "terms": mm["terms"], "knobs": dataclasses.asdict(k),
+                          "max_tokens_per_microbatch": _max_tokens(mm, budget, b)})
+        rk = report_recipe(cfg.model)
+        mm = memory(cfg, sizes, rows, rk)
+        steps.append({"label": "report's recipe (DualPipe, selective recompute + FP8 cache)", "total": mm["total"],
+                      "fits": mm["total"] <= budget, "peak_phase": mm["peak_phase"], "terms": mm["terms"],
+                      "knobs": dataclasses.asdict(rk), "state_where": mm["state_where"],
+                      "max_tokens_per_microbatch": _max_tokens(mm, budget, b)})
         out["ladder"] = steps
         out["collectives_alltoall"] = collectives(cfg, sizes, rows, Knobs(ep="alltoall"))
     if lower:
@@ -606,11 +656,13 @@ def format_plan(p: dict[str, Any]) -> str:
     L += [f"  phases ({U}): " + "; ".join(f"{n} {v['total'] / _UNIT[0]:.1f}" for n, v in mem["phases"].items())]
     if "ladder" in p:
         L += ["", "What would fix it (cumulative what-ifs, analytic; only the first row is implemented):",
-              f"  {'step':<58}{'total ' + U:>9}  {'verdict':<13}largest term"]
+              f"  {'step':<60}{'total ' + U:>9}  {'verdict':<13}{'fits up to':>11}  largest term"]
         for s in p["ladder"]:
             big = max(s["terms"], key=s["terms"].get)
-            L += [(f"  {s['label']:<58}{_gb(s['total'])}  {'FITS' if s['fits'] else 'DOES NOT FIT':<13}"
-                  f"{big} {s['terms'][big] / _UNIT[0]:.1f}")]
+            L += [(f"  {s['label']:<60}{_gb(s['total'])}  {'FITS' if s['fits'] else 'DOES NOT FIT':<13}"
+                   f"{s['max_tokens_per_microbatch']:>11.0f}  {big} {s['terms'][big] / _UNIT[0]:.1f}")]
+        L += [("  (fits up to: tokens per device per pipeline micro-batch at which that row's peak would fit; "
+              f"now {b['tokens_per_device_microbatch']:.0f})")]
     L += ["", "Collectives per optimizer step (bytes sent per device, analytic)",
           f"  {'axis':<10}{U:>10}  what"]
     for r in sorted(p["collectives"], key=lambda r: AXES.index(r["axis"])):
