@@ -81,6 +81,8 @@ from dsv3_jax.config import Config, ConfigError, MeshConfig, ModelConfig, load_c
 from sharding.mesh import AXES
 
 GB = 1e9
+PEAK_FLOPS = 989e12  # H800/H100 dense BF16 (REFERENCE §10)
+LINK_BYTES_PER_S = 50e9  # InfiniBand per GPU (REFERENCE §10): PP16 × EP64 × DP2 spans nodes on every axis
 BATCH = ("data", "fsdp", "expert")
 
 
@@ -230,9 +232,10 @@ def _working_bytes(m: ModelConfig, kind: str, n: float, T: int) -> float:
 
 
 def _ep_bytes(m: ModelConfig, ep: int, n: float, impl: str) -> float:
-    """Per-device dispatch buffers of one MoE layer on n local tokens (×2: forward + cotangents)."""
+    """Per-device dispatch buffers of one MoE layer on n local tokens (×2: forward + cotangents); with ep = 1
+    the local sort → grouped GEMM → unsort of ``moe.dispatch_ragged`` (the same n·K rows as an all-to-all)."""
     a, d, K, f = jnp.dtype(m.dtype).itemsize, m.hidden_size, m.num_experts_per_tok, m.moe_intermediate_size
-    if impl == "allgather":
+    if impl == "allgather" and ep > 1:
         g = ep * n
         fwd = g * d * a + 2 * g * K * d * a + 3 * g * K * f * a + 2 * g * K * d * a + g * d * 4
     else:
@@ -341,7 +344,7 @@ def memory(cfg: Config, sizes: dict[str, int], rows: list[dict], k: Knobs = Knob
         "head backward": {"activations (saved)": saved_pipe + saved_outer, "logits": logits},
         "MoE stage backward": {"activations (saved)": saved_pipe + saved_outer,
                                "layer working set": _working_bytes(m, "moe", tok_pm, T),
-                               "EP dispatch buffers": _ep_bytes(m, ep, tok_pm, k.ep) if ep > 1 else 0.0},
+                               "EP dispatch buffers": _ep_bytes(m, ep, tok_pm, k.ep)},
     }
     if m.first_k_dense_replace:
         phases["dense layer backward"] = {"activations (saved)": saved_outer if not k.outer_in_pipeline
@@ -350,7 +353,7 @@ def memory(cfg: Config, sizes: dict[str, int], rows: list[dict], k: Knobs = Knob
     if D:
         phases["MTP layer backward"] = {"activations (saved)": saved_pipe + saved_outer,
                                         "layer working set": _working_bytes(m, "moe", outer_tok, T),
-                                        "EP dispatch buffers": _ep_bytes(m, ep, outer_tok, k.ep) if ep > 1 else 0.0}
+                                        "EP dispatch buffers": _ep_bytes(m, ep, outer_tok, k.ep)}
     totals = {name: sum(v.values()) for name, v in phases.items()}
     peak = max(totals, key=totals.get)
     terms = {"params": st["params"], "grads": st["grads"], "optimizer moments": st["moments"]}
@@ -468,8 +471,20 @@ def plan(cfg: Config, mesh_sizes: dict[str, int] | str | None = None, *, gpu_mem
         "memory": {**mem, "fits": mem["total"] <= budget, "margin": budget - mem["total"]},
         "collectives": collectives(cfg, sizes, rows),
     }
+    from dsv3_jax.training.metrics import flops_per_token
+
+    b = out["batch"]
+    step_tokens = cfg.train.global_batch_size * b["seq_len"]
+    fpt = flops_per_token(cfg.model, b["seq_len"])
+    n_dev = out["config"]["devices"]
+    out["compute"] = {"flops_per_token": fpt, "tokens_per_step": step_tokens,
+                      "flops_per_device_per_step": fpt * step_tokens / n_dev,
+                      # MoE layers hold 58/61 of the compute; the replicated outer parts run on every stage
+                      "seconds_at_peak": fpt * step_tokens / n_dev / PEAK_FLOPS}
+    link = {ax: LINK_BYTES_PER_S for ax in AXES}
+    out["collective_seconds"] = {ax: sum(r["bytes"] for r in out["collectives"] if r["axis"] == ax) / link[ax]
+                                 for ax in AXES if any(r["axis"] == ax for r in out["collectives"])}
     if ladder:
-        b = out["batch"]
         steps, k = [], Knobs()
         for label, change in LADDER:
             k = dataclasses.replace(k, **change)
@@ -668,8 +683,15 @@ def format_plan(p: dict[str, Any]) -> str:
     for r in sorted(p["collectives"], key=lambda r: AXES.index(r["axis"])):
         L += [f"  {r['axis']:<10}{r['bytes'] / _UNIT[0]:10.2f}  {r['what']}"]
     alt = [r for r in p.get("collectives_alltoall", []) if "EP" in r["what"]]
+    cs, co = p["collective_seconds"], p["compute"]
+    L_time = [f"  time at {LINK_BYTES_PER_S / 1e9:g} GB/s per GPU (IB), not overlapped: "
+              + ", ".join(f"{ax} {t:.1f} s" for ax, t in cs.items())
+              + f"; compute {co['flops_per_device_per_step']:.3e} FLOPs/device/step = {co['seconds_at_peak']:.1f} s "
+              f"at {PEAK_FLOPS / 1e12:g} TFLOP/s peak ({co['flops_per_token']:.3e} FLOPs/token, "
+              f"{co['tokens_per_step']:,} tokens/step)"]
     for r in alt:
         L += [f"  {r['axis']:<10}{r['bytes'] / _UNIT[0]:10.2f}  what-if: {r['what']}"]
+    L += L_time
     if "lowered" in p:
         lo = p["lowered"]
         L += ["", "Lowered train step (cuda, AbstractMesh, no allocation)"]
