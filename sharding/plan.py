@@ -729,6 +729,9 @@ def format_serve(s: dict[str, Any]) -> str:
          "", f"  {'batch':>6} {'seqs/device':>12} {'max context/seq':>16} {'capped at max_pos':>18}"]
     L += [f"  {r['batch']:>6} {r['seqs_per_device']:>12} {r['max_context']:>16,} {r['max_context_capped']:>18,}"
           for r in s["batches"]]
+    if not s["fits"]:
+        L += [("  DOES NOT FIT: the weights alone exceed a device; use the FP8 checkpoint (--fp8), more GPUs, or also "
+              "shard attention/dense weights (tensor parallel within a node, as the report's prefill TP4 does)")]
     return "\n".join(L)
 
 
