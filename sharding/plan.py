@@ -698,8 +698,10 @@ def format_plan(p: dict[str, Any]) -> str:
         if "error" in lo:
             L += [f"  not lowered ({lo['seconds']:.1f} s): {lo['error']}"]
         else:
-            L += [(f"  lowered in {lo['seconds']:.1f} s; module FLOPs {lo.get('flops', 0):.3e} (pre-partitioning, "
-                  f"shard_map bodies counted per shard); collectives in module {lo['collectives_in_module']}")]
+            L += [(f"  lowered in {lo['seconds']:.1f} s; module cost analysis {lo.get('flops', 0):.3e} FLOPs (not the "
+                   f"step's: loop bodies counted once, shard_map bodies per shard)"),
+                  (f"  collectives in the lowered module {lo['collectives_in_module']} (the shard_map ones; the "
+                   f"partitioner adds the rest at compile)")]
             if lo.get("memory_analysis"):
                 ma = lo["memory_analysis"]
                 L += [f"  XLA memory analysis ({ma['backend']} compile on local devices): " + ", ".join(
