@@ -40,8 +40,9 @@ ceil(58/16) = 4 MoE layers on a PP16 stage — the pipeline code today needs 58 
    (gate/up/act) + 2·ep·n·K·d·a (expert out, unsorted) + ep·n·d·4 (FP32 combine); an all-to-all EP (ragged,
    as in the report) holds n·K rows instead of ep·n·K (balanced load).
  The peak is the worst phase: the head backward (saved + logits), the MTP / a MoE stage / a dense layer backward
- (saved + that layer's working set + its EP buffers); persistent state is alive in all of them.
- Not modelled: optimizer-update temporaries, XLA fragmentation, CUDA/NCCL workspaces (keep ~5 GB headroom).
+ (saved + that layer's working set + its EP buffers), or the optimizer update (grads + 2 FP32 param-sized
+ temporaries: XLA's allocation for this step on an H100, see ``bench/results/plan-671b.txt``); persistent
+ state is alive in all of them. Not modelled: XLA fragmentation, CUDA/NCCL workspaces (keep ~5 GB headroom).
 
 **Collectives** (analytic, bytes each device sends per optimizer step; ring algorithms: all-reduce
 2(n−1)/n·X, reduce-scatter and all-gather (n−1)/n·X for X the full buffer):
@@ -183,6 +184,7 @@ class Knobs:
     outer_in_pipeline: bool = False  # embedding/dense on the first stage, head/MTP on the last, per micro-batch
     grad_buffers: int | None = None  # None: 2 with accumulation (this repo), else 1; or explicit
     saved_bytes_per_token_layer: float | None = None  # None: remat=full (the block input); else e.g. selective
+    update_temps: float = 2.0  # FP32 param-sized trees the optimizer update holds besides the grads (measured)
 
 
 def _batch(cfg: Config, sizes: dict[str, int]) -> dict[str, Any]:
@@ -354,10 +356,15 @@ def memory(cfg: Config, sizes: dict[str, int], rows: list[dict], k: Knobs = Knob
         phases["MTP layer backward"] = {"activations (saved)": saved_pipe + saved_outer,
                                         "layer working set": _working_bytes(m, "moe", outer_tok, T),
                                         "EP dispatch buffers": _ep_bytes(m, ep, outer_tok, k.ep)}
+    # After the backward: grads (accumulated) + the update's FP32 temporaries (clipped grads, the Adam
+    # direction), param-sharded. 2 trees is what XLA allocated for the step on an H100 (bench/results).
+    fp32_tree = st["grads"] / (k.grad_buffers or (2 if b["accum_steps"] > 1 else 1))
+    phases["optimizer update"] = {"optimizer update temporaries": k.update_temps * fp32_tree}
     totals = {name: sum(v.values()) for name, v in phases.items()}
     peak = max(totals, key=totals.get)
     terms = {"params": st["params"], "grads": st["grads"], "optimizer moments": st["moments"]}
-    for key in ("activations (saved)", "logits", "layer working set", "EP dispatch buffers"):
+    for key in ("activations (saved)", "logits", "layer working set", "EP dispatch buffers",
+                "optimizer update temporaries"):
         terms[key] = phases[peak].get(key, 0.0)
     total = sum(terms.values())
     return {"terms": terms, "total": total, "peak_phase": peak,
@@ -427,7 +434,7 @@ LADDER = (
     ("+ all-to-all EP (ragged, n·K rows)", {"ep": "alltoall"}),
     ("+ embed/dense on first stage, head/MTP on last, chunked CE", {"outer_in_pipeline": True, "head": "chunked"}),
     ("+ 1F1B in-flight micro-batches (S)", {"schedule": "1f1b"}),
-    ("+ one grad buffer (accumulate in place)", {"grad_buffers": 1}),
+    ("+ one grad buffer, update in place per layer", {"grad_buffers": 1, "update_temps": 0.0}),
     ("+ FP8 cached block inputs", {"act_cache_bytes": 1}),
 )
 
@@ -436,15 +443,20 @@ def report_recipe(m: ModelConfig) -> Knobs:
     """The TR's setting (REFERENCE §10, §8): DualPipe, all-to-all EP, embedding/head on the end stages, one
     FP32 grad buffer, selective recompute with FP8 activation caching (moments and ZeRO-1 come from the config)."""
     return Knobs(schedule="dualpipe", ep="alltoall", head="chunked", outer_in_pipeline=True, grad_buffers=1,
-                 saved_bytes_per_token_layer=selective_bytes_per_token_layer(m))
+                 update_temps=0.0, saved_bytes_per_token_layer=selective_bytes_per_token_layer(m))
 
 
 def _max_tokens(mm: dict, budget: float, b: dict) -> float:
     """Tokens per device per pipeline micro-batch at which the peak would just fit: every activation term is
     linear in the micro-batch, the state is not (scales the micro-batch at a fixed number of micro-batches)."""
     state = mm["terms"]["params"] + mm["terms"]["grads"] + mm["terms"]["optimizer moments"]
-    act = mm["total"] - state
-    return max(0.0, (budget - state) / act * b["tokens_per_device_microbatch"]) if act > 0 else math.inf
+    best = math.inf
+    for name, ph in mm["phases"].items():
+        if name == "optimizer update":  # does not depend on the micro-batch
+            best = 0.0 if ph["total"] > budget else best
+        elif ph["total"] > state:
+            best = min(best, max(0.0, (budget - state) / (ph["total"] - state) * b["tokens_per_device_microbatch"]))
+    return best
 
 
 def plan(cfg: Config, mesh_sizes: dict[str, int] | str | None = None, *, gpu_mem_gb: float = 80.0,
