@@ -33,8 +33,9 @@ ceil(58/16) = 4 MoE layers on a PP16 stage — the pipeline code today needs 58 
  - one layer's working set (live while it is recomputed and differentiated; ×2 for the cotangents) at the
    token count it runs on (tok_pm for pipelined MoE layers, tok for dense and MTP): attention projections
    (q_lora + h·(2·qk + nope + v + v) + kv_lora + rope + d values/token; flash attention, no T² scores, unless
-   ``attention_impl: xla``: + h·T·4 bytes/token), the dense SwiGLU (3·inter) or the shared expert
-   (3·moe_inter·n_shared);
+   ``attention_impl: xla``: + 6·h·T·4 bytes/token, the f32 score buffers of XLA's attention backward, fitted
+   to H100 compiles; ``auto`` is planned as flash, i.e. tokamax installed on the GPU), the dense SwiGLU
+   (3·inter) or the shared expert (3·moe_inter·n_shared);
  - EP dispatch buffers of that MoE layer (×2 for the cotangents): this repo's all-gather EP materialises every
    token of the expert group: ep·n·d·a (gathered) + 2·ep·n·K·d·a (copies, sorted) + 3·ep·n·K·moe_inter·a
    (gate/up/act) + 2·ep·n·K·d·a (expert out, unsorted) + ep·n·d·4 (FP32 combine); an all-to-all EP (ragged,
@@ -227,10 +228,13 @@ def _layer_values(m: ModelConfig, kind: str) -> float:
     return attn + ffn + router
 
 
+XLA_SCORE_BUFFERS = 6  # f32 [h, T, T] buffers of XLA attention's backward: fitted to two H100 compiles (bench/results)
+
+
 def _working_bytes(m: ModelConfig, kind: str, n: float, T: int) -> float:
     a = jnp.dtype(m.dtype).itemsize
-    scores = m.num_attention_heads * T * 4 * n if m.attention_impl == "xla" else 0.0
-    return 2 * (_layer_values(m, kind) * n * a + scores)
+    scores = XLA_SCORE_BUFFERS * m.num_attention_heads * T * 4 * n if m.attention_impl == "xla" else 0.0
+    return 2 * _layer_values(m, kind) * n * a + scores
 
 
 def _ep_bytes(m: ModelConfig, ep: int, n: float, impl: str) -> float:
