@@ -108,5 +108,6 @@ def test_lower_tiny_step():
     assert lo["flops"] > 0
     assert lo["collectives_in_module"]["all_gather"] > 0  # the EP shard_map's gathers
     ma = lo["memory_analysis"]
-    assert ma is not None and ma["argument_size_in_bytes"] > 0
-    assert np.isfinite(ma["temp_size_in_bytes"])
+    assert ma is not None and np.isfinite(ma["temp_size_in_bytes"])
+    # XLA's per-device arguments are the analytic state plus the token shard, rng and three scalars.
+    assert lo["analytic_state_bytes"] <= ma["argument_size_in_bytes"] <= lo["analytic_state_bytes"] + 1024
