@@ -661,14 +661,18 @@ def _gb(x: float) -> str:
     return f"{x / _UNIT[0]:9.2f}"
 
 
+def _n(x: float) -> str:
+    return f"{x / 1e9:.2f}B" if x >= 1e9 else f"{x / 1e6:.2f}M"
+
+
 def format_plan(p: dict[str, Any]) -> str:
     c, b, mem, pr = p["config"], p["batch"], p["memory"], p["params"]
     _UNIT[:] = [GB, "GB"] if mem["total"] >= GB else [1e6, "MB"]
     U = _UNIT[1]
     mesh = " × ".join(f"{ax}={n}" for ax, n in c["mesh"].items() if n > 1) or "one device"
     L = [f"Plan: {mesh} ({c['devices']} devices), per device, GB = 1e9 bytes, budget {c['gpu_mem_gb']:g} GB",
-         (f"params: {pr['total_with_mtp'] / 1e9:.2f}B with MTP = {pr['main'] / 1e9:.2f}B main + {pr['mtp'] / 1e9:.2f}B"
-         f" MTP; activated {pr['activated'] / 1e9:.2f}B/token; {pr['per_device'] / 1e9:.3f}B on the busiest device"),
+         (f"params: {_n(pr['total_with_mtp'])} with MTP = {_n(pr['main'])} main + {_n(pr['mtp'])} MTP; activated "
+          f"{_n(pr['activated'])}/token; {_n(pr['per_device'])} on the busiest device"),
          (f"batch: {b['accum_steps']} × {b['micro_batch']} sequences of {b['seq_len']}; "
          f"{b['tokens_per_device']:.0f} tokens/device per micro-batch; pipeline {b['stages']} stages × "
          f"{b['pipeline_microbatches']} micro-batches ({b['tokens_per_device_microbatch']:.0f} tokens/device), "
