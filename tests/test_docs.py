@@ -46,6 +46,14 @@ COVERAGE: tuple[tuple[str, str, str], ...] = (
     ("python -m dsv3_jax.convert", "test", "tests/test_hf.py::test_convert_round_trip_is_exact"),
     ("python -m dsv3_jax.logits", "test", "tests/test_hf.py::test_logit_checker_cli_matches_hf"),
     ("python -m dsv3_jax.config_doc", "test", "tests/test_docs.py::test_config_reference_is_current"),
+    ("python -m sharding.plan --config configs/deepseek_v3_671b.yaml --mesh", "test",
+     "tests/test_plan.py::test_671b_cli_plans_without_allocating"),
+    ("python -m sharding.plan --config configs/deepseek_v3_671b.yaml --serve", "test",
+     "tests/test_plan.py::test_serving_plan_cli"),
+    # No SLURM or second host in CI: the sbatch script's environment (SLURM variables → jax.distributed) is
+    # checked by the launch test, and the ssh recipe's JAX_* launch of train.py runs as two local processes.
+    ("sbatch scripts/slurm_train.sbatch", "test", "tests/test_multihost.py::test_launch_environment"),
+    ("for i in 0 1; do ssh host$i", "test", "tests/test_multihost.py::test_two_processes_match_one_and_resume"),
 )
 
 # Appended to the README's training commands: a couple of short steps instead of a full run.

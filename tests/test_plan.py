@@ -86,6 +86,16 @@ def test_plan_follows_the_config():
         pytest.approx(2 * base, rel=0.01)
 
 
+def test_serving_plan_cli(capsys):
+    """The README's 8×H200 serving command prints the plan (FP8 weights fit; per-GPU KV capacity)."""
+    argv = "--config configs/deepseek_v3_671b.yaml --serve --gpus 8 --gpu-mem 141 --fp8".split()
+    assert plan_lib.main([a if not a.endswith(".yaml") else CFG_671B for a in argv]) == 0
+    text = capsys.readouterr().out
+    s = plan_lib.serve_plan(load_config(CFG_671B), 8, 141, fp8=True)
+    assert f"{s['kv_tokens_per_device']:,} tokens/device, FITS" in text
+    assert "70272 B = 61 layers × 576 values × 2 B" in text
+
+
 @pytest.mark.parametrize("mtp", [False, True])
 def test_serving_kv_bytes_per_token(mtp):
     cfg = load_config(CFG_671B)
