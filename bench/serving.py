@@ -66,11 +66,13 @@ def main() -> None:
     from dsv3_jax.model import init_variables
     from dsv3_jax.serving import Engine, SamplingParams
 
-    if args.checkpoint:
-        from dsv3_jax.params_io import load_variables
+    if args.checkpoint:  # a params checkpoint or a training run / checkpoint dir, as serve.py takes it
+        from dsv3_jax.serving.loading import load_model
 
-        variables, cfg = load_variables(args.checkpoint)
-        model = cfg.model
+        loaded = load_model(args.checkpoint)
+        variables, model = loaded.variables, loaded.model
+        if args.overrides:
+            ap.error("config overrides apply to --config runs (random weights), not to --checkpoint")
     else:
         model = load_config(args.config, args.overrides).model
         variables = jax.jit(lambda k: init_variables(model, k))(jax.random.key(0))

@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import flax.linen as nn
 import jax
-
 import jax.numpy as jnp
 
 from dsv3_jax.attention import MLA, LatentCache, StackSlot

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import zipfile
 
 import numpy as np

@@ -263,8 +263,8 @@ def test_dequant_gemm_path_equals_chunked_emulation(monkeypatch, pow2):
 
     def run(mode):
         monkeypatch.setenv("DSV3_FP8_GEMM", mode)
-        lin = lambda a, b: jnp.sum(fp8.fp8_matmul(a, b, pow2) * g)  # noqa: E731
-        grp = lambda a, b: jnp.sum(fp8.fp8_grouped_matmul(a, b, sizes, pow2) * g)  # noqa: E731
+        lin = lambda a, b: jnp.sum(fp8.fp8_matmul(a, b, pow2) * g)
+        grp = lambda a, b: jnp.sum(fp8.fp8_grouped_matmul(a, b, sizes, pow2) * g)
         return (fp8.fp8_matmul(x, w, pow2), *jax.grad(lin, (0, 1))(x, w),
                 fp8.fp8_grouped_matmul(x, wg, sizes, pow2), *jax.grad(grp, (0, 1))(x, wg))
 

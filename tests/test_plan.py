@@ -88,7 +88,7 @@ def test_plan_follows_the_config():
 
 def test_serving_plan_cli(capsys):
     """The README's 8×H200 serving command prints the plan (FP8 weights fit; per-GPU KV capacity)."""
-    argv = "--config configs/deepseek_v3_671b.yaml --serve --gpus 8 --gpu-mem 141 --fp8".split()
+    argv = ["--config", "configs/deepseek_v3_671b.yaml", "--serve", "--gpus", "8", "--gpu-mem", "141", "--fp8"]
     assert plan_lib.main([a if not a.endswith(".yaml") else CFG_671B for a in argv]) == 0
     text = capsys.readouterr().out
     s = plan_lib.serve_plan(load_config(CFG_671B), 8, 141, fp8=True)
