@@ -229,6 +229,22 @@ def test_speculative_greedy_equals_plain_greedy(spec_engine, spec_variables, ful
     assert a.token_ids == b.token_ids and len(a.token_ids) == 20
 
 
+def test_chunked_speculation_equals_single_steps(spec_engine, spec_variables, tok):
+    """Several verify-and-draft steps per device call commit exactly the single-step engine's tokens (greedy,
+    seeded sampling, rows finishing mid-chunk, queued requests) with the same acceptance counts."""
+    chunked = Engine(CFG, spec_variables, tokenizer=tok, max_slots=4, max_len=MAX_LEN, speculative=True,
+                     decode_chunk=3)
+    params = [dataclasses.replace(GREEDY, max_tokens=m) for m in (3, 14, 7, 9, 2, 11)]
+    params[1] = SamplingParams(max_tokens=14, temperature=0.8, top_p=0.95, seed=11, ignore_eos=True)
+    before = (spec_engine.drafted_total, spec_engine.accepted_total)
+    ref = spec_engine.generate(PROMPTS, params)
+    out = chunked.generate(PROMPTS, params)
+    assert [(c.token_ids, c.finish_reason) for c in out] == [(c.token_ids, c.finish_reason) for c in ref]
+    assert chunked.traces["spec_3"] == 1
+    assert chunked.accepted_total <= chunked.drafted_total and chunked.drafted_total > 0
+    assert spec_engine.drafted_total > before[0]
+
+
 def test_speculative_drafts_are_the_mtp_predictions(spec_engine, spec_variables):
     """After every step the row's draft is what the training-path MTP module predicts from the committed
     sequence (module 1 at the position before the last token) — so its own cache is kept exact."""
@@ -255,7 +271,7 @@ def test_no_recompiles_after_warmup(engine, spec_engine):
         e.warmup(buckets=[16, 32])
     before = dict(engine.traces), dict(spec_engine.traces)
     assert before[0] == {"prefill_16": 1, "prefill_32": 1, "decode_1": 1}  # each compiled once, whatever ran
-    assert before[1] == {"prefill_16": 1, "prefill_32": 1, "spec": 1}
+    assert before[1] == {"prefill_16": 1, "prefill_32": 1, "spec_1": 1}
     prompts = [[3] * n for n in (1, 4, 9, 16, 17, 25, 31)]
     params = [SamplingParams(max_tokens=m, temperature=t, top_k=k, seed=m)
               for m, t, k in zip((2, 5, 3, 8, 1, 4, 6), (0, 1, 0.5, 0, 2, 0, 1), (0, 3, 0, 1, 0, 0, 50), strict=True)]

@@ -14,8 +14,9 @@ batching: requests join and leave between steps).
 - Decode (absorbed MLA path): one jitted step feeds every row its last token at its own position; free rows
   run on dummy inputs that only touch their own (free) row. Shapes are fixed, so nothing recompiles per
   request: one compile per prefill bucket and one for the decode step (``traces`` counts them).
+  ``decode_chunk`` steps run per device call (one host round trip) while no waiting request needs a row.
 - Speculative (``speculative=True``): the decode step verifies the MTP drafts and drafts anew
-  (``speculative.py``); each step commits 1 .. K+1 tokens per row.
+  (``speculative.py``); each step commits 1 .. K+1 tokens per row (``decode_chunk`` steps per call too).
 
 Threading: ``submit``/``cancel`` may be called from any thread; everything else runs on the engine thread
 (``start``) or on the caller's thread (``generate`` without ``start``). ``on_event`` callbacks run on the
@@ -145,7 +146,7 @@ class Engine:
         self.traces: collections.Counter[str] = collections.Counter()  # one entry per compile
         self._prefill_jit = jax.jit(self._prefill, donate_argnums=(1, 2, 3))
         self._decode_jit = jax.jit(self._decode, donate_argnums=(1,), static_argnums=(9,))
-        self._spec_jit = jax.jit(self._spec, donate_argnums=(1, 2, 3))
+        self._spec_jit = jax.jit(self._spec, donate_argnums=(1, 2, 3), static_argnums=(11,))
 
         self._lock = threading.Condition()
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -388,13 +389,7 @@ class Engine:
             if row is not None:
                 tokens[i], pos[i], counters[i] = row.last, row.pos, len(row.out)
                 left.append(row.req.params.max_tokens - len(row.out))
-        # Several steps per call while nobody waits for a row that frees within them (a row finishing early
-        # discards its surplus tokens; their cache writes stay in its own row, past what it attends to).
-        n = self.decode_chunk
-        with self._lock:
-            waiting = bool(self._waiting)
-        if n > 1 and waiting and min(left) < n:
-            n = 1
+        n = self._steps_per_call(left)
         toks, self._cache = self._decode_jit(self.variables, self._cache, tokens, pos, self._temp, self._top_k,
                                              self._top_p, self._seeds, counters, n)
         toks = jax.device_get(toks)
@@ -407,22 +402,39 @@ class Engine:
     def _spec_step(self) -> None:
         B, K = self.max_slots, self.K
         window, pos, counters = np.zeros((B, K + 1), np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32)
+        left = []
         for i, row in enumerate(self._rows):
             if row is not None:
                 window[i] = [row.last, *row.drafts]
                 pos[i], counters[i] = row.pos, len(row.out)
+                left.append(row.req.params.max_tokens - len(row.out))
+        n = self._steps_per_call(left)
         out = self._spec_jit(self.variables, self._cache, self._mtp_cache, self._q, window, pos, self._temp,
-                             self._top_k, self._top_p, self._seeds, counters)
-        a, nxt, drafts, self._cache, self._mtp_cache, self._q = out
-        a, nxt, drafts = jax.device_get((a, nxt, drafts))
+                             self._top_k, self._top_p, self._seeds, counters, n)
+        a, nxt, windows, drafts, self._cache, self._mtp_cache, self._q = out
+        a, nxt, windows, drafts = jax.device_get((a, nxt, windows, drafts))
         for i, row in enumerate(self._rows):
-            if row is not None:
-                n = int(a[i])
+            if row is None:
+                continue
+            new = []
+            for t in range(n):
+                m = int(a[t, i])
                 self.drafted_total += K
-                self.accepted_total += n
-                new = [*window[i, 1:n + 1].tolist(), int(nxt[i])]
-                row.pos, row.last, row.drafts = row.pos + n + 1, new[-1], [int(d) for d in drafts[i]]
-                self._commit(i, new)
+                self.accepted_total += m
+                new += [*windows[t, i, 1:m + 1].tolist(), int(nxt[t, i])]
+                if len(row.out) + len(new) >= row.req.params.max_tokens:
+                    break  # what later steps drafted past the row's end is not counted
+            row.pos, row.last, row.drafts = row.pos + len(new), new[-1], [int(d) for d in drafts[i]]
+            self._commit(i, new)
+
+    def _steps_per_call(self, left: list[int]) -> int:
+        """Device steps for the next call: ``decode_chunk`` while no waiting request needs a row that frees
+        within them (a row that finishes early discards its surplus tokens; their cache writes stay in its own
+        row, past what it attends to), else 1."""
+        n = self.decode_chunk
+        with self._lock:
+            waiting = bool(self._waiting)
+        return 1 if n > 1 and waiting and min(left) < n else n
 
     def _commit(self, slot: int, new: list[int]) -> None:
         """Append new tokens to a row, apply the stop rules, emit an event; free the row when finished."""
@@ -513,19 +525,33 @@ class Engine:
         (cache, *_), toks = jax.lax.scan(one, (cache, tokens, pos, counters), None, length=n)
         return toks.T, cache
 
-    def _spec(self, variables, cache, mtp_cache, q, window, pos, temp, top_k, top_p, seeds, counters):
-        """window [B, K+1] = [last, drafts], pos [B] → (accepted [B], next token [B], new drafts [B, K],
-        cache, mtp_cache, draft probs [B, K, V])."""
-        self.traces["spec"] += 1
+    def _spec(self, variables, cache, mtp_cache, q, window, pos, temp, top_k, top_p, seeds, counters, n):
+        """window [B, K+1] = [last, drafts], pos [B] → ``n`` (static) verify-and-draft steps back to back:
+        (accepted [n, B], next token [n, B], windows verified [n, B, K+1], drafts after the last step [B, K],
+        cache, mtp_cache, draft probs [B, K, V]). Step i+1 verifies the window step i drafted, at the position
+        after what step i committed; keys depend on (seed, token index) only, so n steps equal n single calls.
+        """
+        self.traces[f"spec_{n}"] += 1
         cfg, K = self.cfg, self.K
         B, T = window.shape
-        positions = pos[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-        out = Transformer(cfg).apply(variables, window, positions=positions, cache=cache, absorbed=True, mtp=False)
+        model = Transformer(cfg)
         rep = functools.partial(jnp.repeat, repeats=T, axis=0)
-        p = token_probs(out.logits.reshape(B * T, -1), rep(temp), rep(top_k), rep(top_p)).reshape(B, T, -1)
-        u = jax.vmap(lambda k: jax.random.uniform(k, (K,)))(row_keys(seeds, counters, speculative.ACCEPT))
-        a, nxt = speculative.accept(p, q, window[:, 1:], u, row_keys(seeds, counters, speculative.SAMPLE))
-        ext = jnp.pad(window, ((0, 0), (0, K + 1))).at[jnp.arange(B), a + 1].set(nxt)
-        drafts, q, mtp_cache = speculative.draft(cfg, variables, out.hidden, ext, positions, a, mtp_cache,
-                                                 (temp, top_k, top_p), seeds, counters + a, absorbed=True)
-        return a, nxt, drafts, out.cache, mtp_cache, q
+        offsets = jnp.arange(T, dtype=jnp.int32)[None]
+
+        def one(carry, _):
+            cache, mtp_cache, q, window, pos, counters = carry
+            positions = pos[:, None] + offsets
+            out = model.apply(variables, window, positions=positions, cache=cache, absorbed=True, mtp=False)
+            p = token_probs(out.logits.reshape(B * T, -1), rep(temp), rep(top_k), rep(top_p)).reshape(B, T, -1)
+            u = jax.vmap(lambda k: jax.random.uniform(k, (K,)))(row_keys(seeds, counters, speculative.ACCEPT))
+            a, nxt = speculative.accept(p, q, window[:, 1:], u, row_keys(seeds, counters, speculative.SAMPLE))
+            ext = jnp.pad(window, ((0, 0), (0, K + 1))).at[jnp.arange(B), a + 1].set(nxt)
+            drafts, q, mtp_cache = speculative.draft(cfg, variables, out.hidden, ext, positions, a, mtp_cache,
+                                                     (temp, top_k, top_p), seeds, counters + a, absorbed=True)
+            nxt_window = jnp.concatenate([nxt[:, None], drafts], axis=1)
+            carry = (out.cache, mtp_cache, q, nxt_window, pos + a + 1, counters + a + 1)
+            return carry, (a, nxt, window)
+
+        init = (cache, mtp_cache, q, window, pos, counters)
+        (cache, mtp_cache, q, last_window, _, _), (a, nxt, windows) = jax.lax.scan(one, init, None, length=n)
+        return a, nxt, windows, last_window[:, 1:], cache, mtp_cache, q
