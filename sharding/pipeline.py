@@ -1,11 +1,39 @@
-"""Pipeline parallelism over the MoE layer stack, inside one jit (GPipe schedule, collective permutes).
+"""Pipeline parallelism over the MoE layer stack, inside one jit: GPipe and circular (interleaved) schedules.
 
-The stacked MoE layers [L, ...] are split into S = mesh.pipeline contiguous stages of L/S layers (the rules
-table shards the ``layers`` axis over ``pipeline``, so no weight moves). The batch is cut into M micro-batches;
-at iteration t stage s runs micro-batch t − s, all stages at once (``vmap`` over the stage axis, partitioned
-over ``pipeline``), then activations shift one stage down (a roll → collective permute). M + S − 1 iterations
-fill and drain the pipe; the backward pass is the same schedule reversed by autodiff. Bubble fraction:
-(S − 1) / (M + S − 1).
+The stacked MoE layers [L, ...] are cut into C = S·V chunks of K = ⌈L/C⌉ layers (S = mesh.pipeline stages,
+V = mesh.pipeline_virtual_stages; V = 1 for ``gpipe``). Chunk c lives on stage c mod S, so stage s holds chunks
+s, s+S, s+2S, … (round-robin, as in Megatron's interleaved 1F1B and MaxText's circular pipeline; with V = 1 this
+is GPipe's contiguous split). The batch is cut into M micro-batches. At iteration t every stage works at once
+(``vmap`` over the stage axis, partitioned over ``pipeline``): stage s runs work item i = t − s, i.e. micro-batch
+i mod M through its chunk of repeat i // M; then activations shift one stage down (a permute). What leaves the
+last stage goes into a buffer of M slots, which stage 0 reads back M iterations later for the next repeat (so
+circular needs M ≥ S). M·V + S − 1 iterations fill and drain the pipe; each costs one chunk (L/(S·V) layers).
+Bubble fraction: (S − 1) / (V·M + S − 1) — V times smaller than GPipe's (S − 1) / (M + S − 1) for the same M.
+
+Uneven stages: when C does not divide L (DeepSeek-V3's 58 MoE layers on PP16) the stack is padded inside this
+function to K·C layers with zero weights whose output is masked away (identity layers: x passes through, no load,
+no balance term). The param tree and checkpoints are unchanged and the real layers' grads are exact (the pad's
+transpose drops the padded cotangents). The padded slots still compute: (K·C − L)/(K·C) of the pipelined layer
+FLOPs are wasted (6/64 = 9.4% for 58 layers on 16 stages).
+
+Weight layout. The stored stack is [L, ...] with ``layers`` over ``pipeline`` in contiguous blocks when S divides
+L (sharding/partition.py moves ``pipeline`` to another dim otherwise). GPipe with S | L uses that layout as is (no
+weight moves). Circular or uneven stages re-lay the stack into [S, V, K, ...] stage order inside the jit: one
+all-to-all of the MoE stack weights over ``pipeline`` per step, and its transpose on the grads. At 671B scale that
+is ~the stage's weight share per device per step (seconds-long steps, tens of ms of transfer) plus one transient
+copy of it; storing the stack in stage order (MaxText's [repeats, stages, ...] params) would remove it at the price
+of a mesh-dependent checkpoint layout.
+
+Memory. The backward pass is autodiff of the whole schedule: the forward scan runs all M micro-batches, then its
+transpose. Per stage it keeps, for every (micro-batch, chunk) item, what the layer remat policy saves —
+``model.remat: full`` keeps one [mb, T, d] input per layer, M·L/S of them (the same as without a pipeline). Each
+layer runs under ``jax.checkpoint`` with the chunk weights as its input, so the per-iteration slice of the weights
+is never stacked as a residual (it would cost M copies of the stage's weights). True 1F1B (Megatron; DualPipe)
+bounds live activations at S micro-batches by running micro-batch i's backward before micro-batch i+S's forward.
+That cannot be expressed here: the loss (head, MTP) is computed outside the pipelined MoE stack and autodiff
+transposes the finished forward scan, so no backward starts before every forward is done. 1F1B needs a schedule
+that owns its backward — a ``custom_vjp`` over the whole step, or a scan whose body calls ``jax.vjp`` per stage and
+holds the head on the last stage.
 
 Embedding, dense layers, head and MTP run outside the pipeline, replicated over ``pipeline`` (each stage
 computes them for the whole batch): simple and exact; the cost is the non-MoE share of the step × (S − 1)/S.
@@ -15,83 +43,130 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dsv3_jax.block import apply_block, moe_stack_override
+from dsv3_jax.block import REMAT_POLICIES, Block, moe_stack_override
 from dsv3_jax.config import ModelConfig
 from sharding.rules import BATCH_AXES
 
+SCHEDULES = ("gpipe", "circular")
 
-def bubble_fraction(stages: int, microbatches: int) -> float:
-    """Idle share of the GPipe schedule: (S − 1) / (M + S − 1)."""
-    return (stages - 1) / (microbatches + stages - 1)
+
+def bubble_fraction(stages: int, microbatches: int, virtual_stages: int = 1) -> float:
+    """Idle share of the schedule: (S − 1) / (V·M + S − 1); V = 1 is GPipe."""
+    return (stages - 1) / (virtual_stages * microbatches + stages - 1)
+
+
+def schedule_summary(stages: int, microbatches: int, schedule: str = "gpipe", virtual_stages: int = 1) -> str:
+    """One line for the train-start log: schedule, stages, micro-batches and bubble."""
+    V = virtual_stages if schedule == "circular" else 1
+    M = microbatches or 2 * stages
+    chunks = f" × {V} virtual" if schedule == "circular" else ""
+    return (f"pipeline: {schedule}, {stages} stages{chunks} × {M} micro-batches, "
+            f"bubble {bubble_fraction(stages, M, V):.1%}")
 
 
 def _constrain(mesh: Mesh, x: jax.Array, *spec) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
 
 
-def pipeline_stack(mesh: Mesh, microbatches: int, cfg: ModelConfig, variables: dict, x: jax.Array,
-                   positions: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+def _layer_fn(cfg: ModelConfig):
+    """(stage chunk weights [V, K, ...], repeat r, layer k, x, positions) → (x, aux) for layer [r, k].
+
+    The weight slice is taken inside the checkpointed function and never saved: its residuals are the whole
+    stage's weights (loop-invariant: not stacked per iteration), not one slice per iteration."""
+    def f(w, r, k, x, p):
+        layer = jax.tree.map(lambda a: checkpoint_name(a[r, k], "pipeline_weights"), w)
+        y, _, aux = Block(cfg, True).apply(layer, x, p)
+        return y, aux
+
+    if cfg.remat == "none":
+        policy = jax.checkpoint_policies.save_anything_except_these_names("pipeline_weights")
+    else:
+        policy = REMAT_POLICIES[cfg.remat]
+    return jax.checkpoint(f, policy=policy, prevent_cse=True)
+
+
+def pipeline_stack(mesh: Mesh, microbatches: int, schedule: str, virtual_stages: int, cfg: ModelConfig,
+                   variables: dict, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Run the stacked MoE layers ``variables`` ({'params': {'layers': ...}, 'router': ...}, leaves [L, ...])
     over x [B, T, d] through the pipeline. Returns (x [B, T, d], aux {load [L, E], balance [L]})."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"mesh.pipeline_schedule={schedule!r}: expected one of {', '.join(SCHEDULES)}")
     S = mesh.shape["pipeline"]
+    V = virtual_stages if schedule == "circular" else 1
+    if V < 1:
+        raise ValueError(f"mesh.pipeline_virtual_stages={virtual_stages}: must be ≥ 1")
     stacked = {col: tree["layers"]["block"] for col, tree in variables.items()}
     L = jax.tree.leaves(stacked)[0].shape[0]
-    if L % S:
-        raise ValueError(f"{L} MoE layers cannot be split into mesh.pipeline={S} equal stages; choose a "
-                         f"pipeline size that divides num_hidden_layers - first_k_dense_replace = {L}")
+    K = math.ceil(L / (S * V))  # layers per chunk
+    Lp = K * S * V
     B, T, d = x.shape
     M = microbatches or 2 * S
     if B % M:
         raise ValueError(f"batch {B} is not divisible into mesh.pipeline_microbatches={M} micro-batches")
+    if V > 1 and M < S:
+        raise ValueError(f"the circular schedule needs mesh.pipeline_microbatches ≥ mesh.pipeline (got {M} < {S}):"
+                         f" a micro-batch re-enters stage 0 M iterations after it first did")
     mb = B // M
-    stages = jax.tree.map(lambda a: _constrain(mesh, a.reshape(S, L // S, *a.shape[1:]), "pipeline"), stacked)
+
+    def relayout(a):  # [L, ...] → [S, V, K, ...]: stage s, repeat r holds chunk r·S + s
+        a = jnp.pad(a, [(0, Lp - L)] + [(0, 0)] * (a.ndim - 1))
+        a = a.reshape(V, S, K, *a.shape[1:]).swapaxes(0, 1)
+        return _constrain(mesh, a, "pipeline", None, None, *[P.UNCONSTRAINED] * (a.ndim - 3))
+
+    stages = jax.tree.map(relayout, stacked)
     xs = x.reshape(M, mb, T, d)
     pos = positions.reshape(M, mb, T)
+    layer_fn = _layer_fn(cfg)
 
-    def stage_fn(stage_vars, h, p):
-        def layer(h, layer_vars):
-            return apply_block(cfg, True, layer_vars, h, p)
-        return jax.lax.scan(layer, h, stage_vars)
+    def stage_fn(w, s, r, h, p):  # one stage, one chunk: K layers of repeat r
+        def body(h, k):
+            y, aux = layer_fn(w, r, k, h, p)
+            real = (r * S + s) * K + k < L  # padded slots are identity layers
+            return jnp.where(real, y, h), jax.tree.map(lambda a: jnp.where(real, a, 0), aux)
+        return jax.lax.scan(body, h, jnp.arange(K))
 
     run_stages = jax.vmap(stage_fn, spmd_axis_name="pipeline")
     act_spec = ("pipeline", BATCH_AXES, None, None)
     stage_ids = jnp.arange(S)
 
     def step(carry, t):
-        state, outputs, load, balance = carry
-        mbi = t - stage_ids  # micro-batch each stage works on
-        valid = (mbi >= 0) & (mbi < M)
-        p = jnp.take(pos, jnp.clip(mbi, 0, M - 1), axis=0)
-        out, aux = run_stages(stages, state, p)  # out [S, mb, T, d]; aux leaves [S, L/S, ...]
-        out = _constrain(mesh, out, *act_spec)
-        load = load + jnp.where(valid[:, None, None], aux["load"], 0)
-        balance = balance + jnp.where(valid[:, None], aux["balance"], 0)
-        done = t - (S - 1)  # micro-batch leaving the last stage
-        slot = jnp.clip(done, 0, M - 1)
-        outputs = outputs.at[slot].set(jnp.where(done >= 0, out[S - 1], outputs[slot]))
-        fresh = jnp.where(t + 1 < M, jnp.take(xs, jnp.clip(t + 1, 0, M - 1), axis=0), 0)
-        state = _constrain(mesh, jnp.concatenate([fresh[None], out[:-1]], axis=0), *act_spec)
-        return (state, outputs, load, balance), None
+        prev, buf, load, balance = carry
+        item = t - stage_ids  # work item of each stage: micro-batch item mod M, repeat item // M
+        valid = (item >= 0) & (item < M * V)
+        mbi, rep = jnp.mod(item, M), jnp.clip(item // M, 0, V - 1)
+        state = jnp.concatenate([buf[jnp.mod(t, M)][None], prev[:-1]], axis=0)  # shift one stage down
+        state = _constrain(mesh, state, *act_spec)
+        out, aux = run_stages(stages, stage_ids, rep, state, jnp.take(pos, mbi, axis=0))
+        out = _constrain(mesh, out, *act_spec)  # [S, mb, T, d]; aux leaves [S, K, ...]
+        hit = jax.nn.one_hot(rep, V, dtype=jnp.float32) * valid[:, None]  # [S, V]
+        load = load + hit[:, :, None, None] * aux["load"][:, None]
+        balance = balance + hit[:, :, None] * aux["balance"][:, None]
+        done = t - (S - 1)  # item leaving the last stage: back into the buffer (the output after repeat V − 1)
+        slot = jnp.mod(done, M)
+        buf = buf.at[slot].set(jnp.where((done >= 0) & (done < M * V), out[S - 1], buf[slot]))
+        return (out, buf, load, balance), None
 
-    state = jnp.zeros((S, mb, T, d), x.dtype).at[0].set(xs[0])
-    state = _constrain(mesh, state, *act_spec)
     E = cfg.n_routed_experts
-    init = (state, jnp.zeros_like(xs), jnp.zeros((S, L // S, E), jnp.float32), jnp.zeros((S, L // S), jnp.float32))
-    (_, outputs, load, balance), _ = jax.lax.scan(step, init, jnp.arange(M + S - 1))
-    return outputs.reshape(B, T, d), {"load": load.reshape(L, E), "balance": balance.reshape(L) / M}
+    init = (_constrain(mesh, jnp.zeros((S, mb, T, d), x.dtype), *act_spec), xs,
+            jnp.zeros((S, V, K, E), jnp.float32), jnp.zeros((S, V, K), jnp.float32))
+    (_, outputs, load, balance), _ = jax.lax.scan(step, init, jnp.arange(M * V + S - 1))
+    unstage = lambda a: a.swapaxes(0, 1).reshape(Lp, *a.shape[3:])[:L]  # noqa: E731  [S, V, K, ...] → [L, ...]
+    return outputs.reshape(B, T, d), {"load": unstage(load), "balance": unstage(balance) / M}
 
 
 @contextlib.contextmanager
-def pipeline_parallel(mesh: Mesh, microbatches: int = 0):
+def pipeline_parallel(mesh: Mesh, microbatches: int = 0, schedule: str = "gpipe", virtual_stages: int = 1):
     """Within this context, the MoE stack traced under ``mesh`` runs through the pipeline schedule."""
     if mesh.shape.get("pipeline", 1) == 1:
         yield
         return
-    with moe_stack_override(functools.partial(pipeline_stack, mesh, microbatches)):
+    with moe_stack_override(functools.partial(pipeline_stack, mesh, microbatches, schedule, virtual_stages)):
         yield

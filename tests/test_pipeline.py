@@ -1,0 +1,97 @@
+"""Pipeline schedules (sharding/pipeline.py) on 8 simulated CPU devices give one device's loss and grads."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from dsv3_jax.config import ConfigError, MeshConfig
+from dsv3_jax.model import Transformer
+from sharding.mesh import make_mesh
+from sharding.partition import batch_sharding, parallel_context, variable_shardings
+from sharding.pipeline import bubble_fraction, schedule_summary
+from tests.common import random_variables, tiny_config
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+
+
+def _loss(cfg):
+    def f(params, router, tokens):
+        out = Transformer(cfg).apply({"params": params, "router": router}, tokens)
+        ce = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1], tokens[:, 1:]).mean()
+        return ce + 1e-2 * out.balance.mean(), out.expert_load
+    return jax.value_and_grad(f, has_aux=True)
+
+
+def _check(cfg, mesh_cfg, batch=8):
+    v = random_variables(cfg)
+    tokens = jax.random.randint(jax.random.key(1), (batch, 8), 0, cfg.vocab_size)
+    (loss, load), grads = jax.jit(_loss(cfg))(v["params"], v["router"], tokens)
+    mesh = make_mesh(mesh_cfg)
+    vs = jax.device_put(v, variable_shardings(cfg, mesh))
+    with parallel_context(mesh, mesh_cfg.pipeline_microbatches, mesh_cfg.pipeline_schedule,
+                          mesh_cfg.pipeline_virtual_stages):
+        (l2, load2), g2 = jax.jit(_loss(cfg))(vs["params"], vs["router"], jax.device_put(tokens, batch_sharding(mesh)))
+    assert abs(float(l2) - float(loss)) <= 1e-5 * abs(float(loss))
+    np.testing.assert_array_equal(np.asarray(load2), np.asarray(load))  # every layer's tokens counted once
+    assert jax.tree.structure(g2) == jax.tree.structure(grads)
+    for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+# 9 layers, first dense: 8 MoE layers = 2 stages × 2 chunks × 2 layers, or 4 stages × 2 chunks × 1 layer.
+CFG8 = tiny_config(num_hidden_layers=9, num_nextn_predict_layers=0)
+
+
+def test_circular_pp2_v2_ep2_dp2():
+    _check(CFG8, MeshConfig(pipeline=2, expert=2, data=2, pipeline_schedule="circular", pipeline_virtual_stages=2,
+                            pipeline_microbatches=4))
+
+
+def test_circular_pp4_v2_ep2():
+    _check(CFG8, MeshConfig(pipeline=4, expert=2, pipeline_schedule="circular", pipeline_virtual_stages=2,
+                            pipeline_microbatches=4))
+
+
+def test_uneven_stages_gpipe():
+    """3 MoE layers on 2 stages: padded to 4 inside the pipeline (one identity layer), param tree unchanged."""
+    cfg = tiny_config(num_hidden_layers=4, num_nextn_predict_layers=0)
+    _check(cfg, MeshConfig(pipeline=2, expert=2, data=2))
+
+
+def test_uneven_stages_circular_more_microbatches_than_stages():
+    """3 MoE layers on 2 stages × 2 chunks (one identity layer) with M = 4 > S: the re-entry buffer waits."""
+    cfg = tiny_config(num_hidden_layers=4, num_nextn_predict_layers=0)
+    _check(cfg, MeshConfig(pipeline=2, expert=4, pipeline_schedule="circular", pipeline_virtual_stages=2,
+                           pipeline_microbatches=4))
+
+
+def test_uneven_stack_is_sharded_on_another_dim():
+    cfg = tiny_config(num_hidden_layers=4)  # 3 MoE layers
+    mesh = make_mesh(MeshConfig(pipeline=2, expert=2, data=2))
+    sh = variable_shardings(cfg, mesh)["params"]["moe_layers"]["layers"]["block"]["mlp"]["gate_proj"]
+    assert sh.spec[0] is None and "pipeline" in jax.tree.leaves(tuple(sh.spec))  # moved off the 3 layers
+    even = variable_shardings(tiny_config(num_hidden_layers=5), mesh)["params"]["moe_layers"]["layers"]["block"]
+    assert even["mlp"]["gate_proj"].spec[0] == "pipeline"
+
+
+def test_bubble_fraction_and_summary():
+    assert bubble_fraction(4, 8) == pytest.approx(3 / 11)  # GPipe
+    assert bubble_fraction(4, 8, 2) == pytest.approx(3 / 19)  # circular, V = 2
+    assert bubble_fraction(16, 32, 1) == pytest.approx(15 / 47)
+    assert bubble_fraction(16, 32, 4) == pytest.approx(15 / 143)
+    assert bubble_fraction(1, 8) == 0
+    assert schedule_summary(4, 0) == "pipeline: gpipe, 4 stages × 8 micro-batches, bubble 27.3%"
+    assert schedule_summary(4, 8, "circular", 2) == "pipeline: circular, 4 stages × 2 virtual × 8 micro-batches, bubble 15.8%"
+
+
+def test_config_and_schedule_errors():
+    with pytest.raises(ConfigError, match="pipeline_virtual_stages"):
+        MeshConfig(pipeline_virtual_stages=0)
+    cfg = tiny_config(num_hidden_layers=5)
+    mesh_cfg = MeshConfig(pipeline=4, expert=2, pipeline_schedule="circular", pipeline_virtual_stages=2,
+                          pipeline_microbatches=2)
+    with pytest.raises(ValueError, match="needs mesh.pipeline_microbatches ≥ mesh.pipeline"):
+        _check(cfg, mesh_cfg, batch=2)
