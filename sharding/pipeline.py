@@ -163,6 +163,7 @@ def pipeline_stack(mesh: Mesh, microbatches: int, schedule: str, virtual_stages:
     init = (_constrain(mesh, jnp.zeros((S, mb, T, d), x.dtype), *act_spec), xs,
             jnp.zeros((S, V, K, E), jnp.float32), jnp.zeros((S, V, K), jnp.float32))
     (_, outputs, load, balance), _ = jax.lax.scan(step, init, jnp.arange(M * V + S - 1))
+
     def unstage(a):  # [S, V, K, ...] → [L, ...]
         return a.swapaxes(0, 1).reshape(Lp, *a.shape[3:])[:L]
     return outputs.reshape(B, T, d), {"load": unstage(load), "balance": unstage(balance) / M}
