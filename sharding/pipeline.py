@@ -17,12 +17,18 @@ transpose drops the padded cotangents). The padded slots still compute: (K·C �
 FLOPs are wasted (6/64 = 9.4% for 58 layers on 16 stages).
 
 Weight layout. The stored stack is [L, ...] with ``layers`` over ``pipeline`` in contiguous blocks when S divides
-L (sharding/partition.py moves ``pipeline`` to another dim otherwise). GPipe with S | L uses that layout as is (no
-weight moves). Circular or uneven stages re-lay the stack into [S, V, K, ...] stage order inside the jit: one
-all-to-all of the MoE stack weights over ``pipeline`` per step, and its transpose on the grads. At 671B scale that
-is ~the stage's weight share per device per step (seconds-long steps, tens of ms of transfer) plus one transient
-copy of it; storing the stack in stage order (MaxText's [repeats, stages, ...] params) would remove it at the price
-of a mesh-dependent checkpoint layout.
+L (sharding/partition.py moves ``pipeline`` to another dim otherwise: for the 671B config on PP16 every leaf of the
+58-layer stack is still split 16 ways, on d_model or a head dim). GPipe with S | L uses that layout as is: the
+compiled step has no collective on the stack weights (checked in the HLO). Circular, or uneven stages, re-lay the
+stack into [S, V, K, ...] stage order inside the jit with a sharding constraint, and XLA lowers that as an
+all-gather of the whole stack over ``pipeline`` followed by a local slice (HLO of the tests' meshes: e.g.
+f32[2,2,2,4,48,24] = all of S·V·K layers of the local experts). The data needed is only the stage's share, but the
+transient is S times it: at 671B on PP16×EP64 that is the device's expert share of all 58 layers (~41 GB of f32 params)
+instead of ~2.6 GB, so circular/uneven stages are exact but not yet memory-viable at full scale. The fix is an
+explicit re-layout — shard_map with the stored specs: an all_to_all from the layer dim to a weight dim, a local
+permutation of the now-whole layer dim, an all_to_all back (2× the stage share in traffic, 1× transient) — or
+storing the stack in stage order (MaxText's [repeats, stages, ...] params) at the price of a mesh-dependent
+checkpoint layout.
 
 Memory. The backward pass is autodiff of the whole schedule: the forward scan runs all M micro-batches, then its
 transpose. Per stage it keeps, for every (micro-batch, chunk) item, what the layer remat policy saves —
