@@ -20,15 +20,17 @@ Weight layout. The stored stack is [L, ...] with ``layers`` over ``pipeline`` in
 L (sharding/partition.py moves ``pipeline`` to another dim otherwise: for the 671B config on PP16 every leaf of the
 58-layer stack is still split 16 ways, on d_model or a head dim). GPipe with S | L uses that layout as is: the
 compiled step has no collective on the stack weights (checked in the HLO). Circular, or uneven stages, re-lay the
-stack into [S, V, K, ...] stage order inside the jit with a sharding constraint, and XLA lowers that as an
-all-gather of the whole stack over ``pipeline`` followed by a local slice (HLO of the tests' meshes: e.g.
-f32[2,2,2,4,48,24] = all of S·V·K layers of the local experts). The data needed is only the stage's share, but the
-transient is S times it: at 671B on PP16×EP64 that is the device's expert share of all 58 layers (~41 GB of f32 params)
-instead of ~2.6 GB, so circular/uneven stages are exact but not yet memory-viable at full scale. The fix is an
-explicit re-layout — shard_map with the stored specs: an all_to_all from the layer dim to a weight dim, a local
-permutation of the now-whole layer dim, an all_to_all back (2× the stage share in traffic, 1× transient) — or
-storing the stack in stage order (MaxText's [repeats, stages, ...] params) at the price of a mesh-dependent
-checkpoint layout.
+stack into [S, V, K, ...] stage order inside the jit, once per step (and the transpose on the grads). Left to
+itself XLA lowers that re-sharding as an all-gather of the whole stack over ``pipeline`` and a local slice (HLO:
+e.g. f32[2,2,2,4,48,24], all S·V·K layers of the local experts): a transient of S× the stage's weights — at 671B
+on PP16×EP64 the device's expert share of all 58 layers, ~41 GB of f32 params, instead of ~2.6 GB. From
+``EXPLICIT_RELAYOUT_MIN_STAGES`` = 8 stages on, the re-layout is explicit instead (``_relayout_explicit``: in
+shard_map with the stored specs, an all_to_all moves ``pipeline`` from the layer dim to a weight dim, the now-whole
+layer dim is permuted locally, an all_to_all moves it back: 2× the stage share of traffic, a few × of transient).
+XLA's memory analysis of the compiled step (circular V=2, remat full, weights-dominated tiny model with
+moe_intermediate_size=384, 4.0 MB params/device on pp8, 2.3 MB on pp4×ep2): pp8 temp 21.0 MB → 13.7 MB explicit;
+pp4 6.3 MB → 9.8 MB (hence the threshold). Storing the stack in stage order (MaxText's [repeats, stages, ...]
+params) would remove the re-layout at the price of a mesh-dependent checkpoint layout.
 
 Memory. The backward pass is autodiff of the whole schedule: the forward scan runs all M micro-batches, then its
 transpose. Per stage it keeps, for every (micro-batch, chunk) item, what the layer remat policy saves —
@@ -56,16 +58,20 @@ import contextlib
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.block import REMAT_POLICIES, Block, apply_block, moe_stack_override
 from dsv3_jax.config import ModelConfig
-from sharding.rules import BATCH_AXES
+from sharding.rules import BATCH_AXES, LOGICAL_RULES
 
 SCHEDULES = ("gpipe", "circular")
+# Re-lay the stack with explicit all_to_alls from this many stages on (XLA's all-gather is cheaper below).
+EXPLICIT_RELAYOUT_MIN_STAGES = 8
 
 
 def bubble_fraction(stages: int, microbatches: int, virtual_stages: int = 1) -> float:
@@ -102,6 +108,50 @@ def _layer_fn(cfg: ModelConfig):
     return jax.checkpoint(f, policy=policy, prevent_cse=True)
 
 
+def _stored_specs(cfg: ModelConfig, mesh: Mesh, stacked: dict) -> dict:
+    """The shardings the stored stack leaves have (sharding/partition.py: rules table, fitted to the shapes)."""
+    from dsv3_jax.moe import dispatch_override
+    from sharding.partition import fit_sharding  # lazy: partition imports this module
+
+    x = jax.ShapeDtypeStruct((1, 1, cfg.hidden_size), jnp.float32)
+    pos = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    with dispatch_override(None):  # shapes only: no expert-parallel dispatch of the one dummy token
+        boxed = jax.eval_shape(lambda x, p: Block(cfg, True).init(jax.random.key(0), x, p), x, pos)
+    axes = jax.tree.map(lambda s: nn.logical_to_mesh_axes(s, LOGICAL_RULES), nn.get_partition_spec(boxed),
+                        is_leaf=lambda s: isinstance(s, P))
+    return jax.tree.map(lambda ax, a: fit_sharding(NamedSharding(mesh, P("pipeline", *ax)), a.shape),
+                        axes, stacked, is_leaf=lambda s: isinstance(s, P))
+
+
+def _relayout_explicit(mesh: Mesh, a: jax.Array, sharding: NamedSharding, L: int, S: int, V: int, K: int):
+    """[L, ...] stored as ``sharding`` → [S·V·K, ...] in stage order (row s·V·K + r·K + k = layer (r·S + s)·K + k,
+    zero rows past L), split over ``pipeline`` in contiguous blocks, with all_to_alls inside shard_map: each device
+    receives only its stage's share. None when the layout does not allow it (the caller lets XLA re-shard)."""
+    spec = list(sharding.spec) + [None] * (a.ndim - len(sharding.spec))
+    names = [() if n is None else ((n,) if isinstance(n, str) else tuple(n)) for n in spec]
+    size = lambda ns: math.prod(mesh.shape[n] for n in ns)
+    if names[0] == ("pipeline",):  # layers split over stages: first move `pipeline` onto a weight dim j
+        js = [i for i in range(1, a.ndim) if "pipeline" not in names[i] and (a.shape[i] // size(names[i])) % S == 0]
+        out_names = names
+    else:  # uneven stack: `pipeline` already on a weight dim (the minor axis there, see fit_sharding)
+        js = [i for i in range(1, a.ndim) if names[i][-1:] == ("pipeline",)] if not names[0] else []
+        out_names = [("pipeline",)] + [tuple(n for n in ns if n != "pipeline") for ns in names[1:]]
+    if not js:
+        return None
+    j, Lp = js[0], S * V * K
+    order = np.array([(r * S + s) * K + k for s in range(S) for r in range(V) for k in range(K)])
+
+    def local(x):
+        if names[0]:
+            x = jax.lax.all_to_all(x, "pipeline", split_axis=j, concat_axis=0, tiled=True)  # every layer, dim j split
+        x = jnp.take(jnp.pad(x, [(0, Lp - L)] + [(0, 0)] * (x.ndim - 1)), order, axis=0)
+        return jax.lax.all_to_all(x, "pipeline", split_axis=0, concat_axis=j, tiled=True)  # own stage's rows
+
+    to_spec = lambda ns: P(*[n or None for n in ns])
+    return jax.shard_map(local, mesh=mesh, in_specs=to_spec(names), out_specs=to_spec(out_names),
+                         check_vma=False)(a)
+
+
 def pipeline_stack(mesh: Mesh, microbatches: int, schedule: str, virtual_stages: int, cfg: ModelConfig,
                    variables: dict, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Run the stacked MoE layers ``variables`` ({'params': {'layers': ...}, 'router': ...}, leaves [L, ...])
@@ -125,12 +175,19 @@ def pipeline_stack(mesh: Mesh, microbatches: int, schedule: str, virtual_stages:
                          f" a micro-batch re-enters stage 0 M iterations after it first did")
     mb = B // M
 
-    def relayout(a):  # [L, ...] → [S, V, K, ...]: stage s, repeat r holds chunk r·S + s
-        a = jnp.pad(a, [(0, Lp - L)] + [(0, 0)] * (a.ndim - 1))
-        a = a.reshape(V, S, K, *a.shape[1:]).swapaxes(0, 1)
+    def relayout(a, sharding):  # [L, ...] → [S, V, K, ...]: stage s, repeat r holds chunk r·S + s
+        explicit = sharding is not None and S >= EXPLICIT_RELAYOUT_MIN_STAGES
+        staged = _relayout_explicit(mesh, a, sharding, L, S, V, K) if explicit else None
+        if staged is not None:
+            a = staged.reshape(S, V, K, *a.shape[1:])
+        else:  # GPipe with S | L: already in place; otherwise XLA re-shards (an all-gather of the stack)
+            a = jnp.pad(a, [(0, Lp - L)] + [(0, 0)] * (a.ndim - 1))
+            a = a.reshape(V, S, K, *a.shape[1:]).swapaxes(0, 1)
         return _constrain(mesh, a, "pipeline", None, None, *[P.UNCONSTRAINED] * (a.ndim - 3))
 
-    stages = jax.tree.map(relayout, stacked)
+    free = V == 1 and L % S == 0
+    stored = jax.tree.map(lambda _: None, stacked) if free else _stored_specs(cfg, mesh, stacked)
+    stages = jax.tree.map(relayout, stacked, stored, is_leaf=lambda s: s is None)
     xs = x.reshape(M, mb, T, d)
     pos = positions.reshape(M, mb, T)
     layer_fn = _layer_fn(cfg)

@@ -9,6 +9,7 @@ import pytest
 
 from dsv3_jax.config import ConfigError, MeshConfig
 from dsv3_jax.model import Transformer
+from sharding import pipeline
 from sharding.mesh import make_mesh
 from sharding.partition import batch_sharding, parallel_context, variable_shardings
 from sharding.pipeline import bubble_fraction, schedule_summary
@@ -41,8 +42,10 @@ def _check(cfg, mesh_cfg, batch=8):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-def test_circular_uneven_forward_matches_one_device():
-    """Fast check of the schedule itself (no backward): 3 MoE layers on 2 stages × 2 chunks, M = 4 > S."""
+def test_circular_uneven_forward_matches_one_device(monkeypatch):
+    """Fast check of the schedule itself (no backward): 3 MoE layers on 2 stages × 2 chunks, M = 4 > S, weights
+    re-laid by the explicit all_to_alls (the path PP ≥ 8 takes)."""
+    monkeypatch.setattr(pipeline, "EXPLICIT_RELAYOUT_MIN_STAGES", 1)
     cfg = tiny_config(num_hidden_layers=4, num_nextn_predict_layers=0)
     v = random_variables(cfg)
     tokens = jax.random.randint(jax.random.key(1), (16, 8), 0, cfg.vocab_size)
@@ -57,9 +60,11 @@ def test_circular_uneven_forward_matches_one_device():
 
 
 @pytest.mark.slow
-def test_circular_uneven_stages_pp2_v2_ep2_dp2():
+@pytest.mark.parametrize("explicit", [False, True], ids=["xla-relayout", "explicit-relayout"])
+def test_circular_uneven_stages_pp2_v2_ep2_dp2(monkeypatch, explicit):
     """3 MoE layers on 2 stages × 2 chunks: padded to 4 inside the pipeline (one identity layer, param tree
     unchanged), and M = 4 > S, so a micro-batch waits in the re-entry buffer before its second pass."""
+    monkeypatch.setattr(pipeline, "EXPLICIT_RELAYOUT_MIN_STAGES", 1 if explicit else 99)
     cfg = tiny_config(num_hidden_layers=4, num_nextn_predict_layers=0)
     _check(cfg, MeshConfig(pipeline=2, expert=2, data=2, pipeline_schedule="circular", pipeline_virtual_stages=2,
                            pipeline_microbatches=4))
@@ -70,7 +75,8 @@ CFG8 = tiny_config(num_hidden_layers=9, num_nextn_predict_layers=0)
 
 
 @pytest.mark.slow
-def test_circular_pp4_v2_ep2():
+def test_circular_pp4_v2_ep2(monkeypatch):
+    monkeypatch.setattr(pipeline, "EXPLICIT_RELAYOUT_MIN_STAGES", 1)  # layers stored split over stages
     _check(CFG8, MeshConfig(pipeline=4, expert=2, pipeline_schedule="circular", pipeline_virtual_stages=2,
                             pipeline_microbatches=4))
 
