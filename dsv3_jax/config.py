@@ -220,7 +220,8 @@ class MeshConfig:
         if self.pipeline_virtual_stages < 1:
             raise ConfigError(f"mesh.pipeline_virtual_stages={self.pipeline_virtual_stages}: must be ≥ 1")
         if self.pipeline_microbatches < 0:
-            raise ConfigError(f"mesh.pipeline_microbatches={self.pipeline_microbatches}: must be ≥ 0 (0 = 2 × stages)")
+            raise ConfigError(f"mesh.pipeline_microbatches={self.pipeline_microbatches}: must be ≥ 0 "
+                              "(0 = 2 × stages)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -124,9 +124,10 @@ def _stored_specs(cfg: ModelConfig, mesh: Mesh, stacked: dict) -> dict:
 
 
 def _relayout_explicit(mesh: Mesh, a: jax.Array, sharding: NamedSharding, L: int, S: int, V: int, K: int):
-    """[L, ...] stored as ``sharding`` → [S·V·K, ...] in stage order (row s·V·K + r·K + k = layer (r·S + s)·K + k,
-    zero rows past L), split over ``pipeline`` in contiguous blocks, with all_to_alls inside shard_map: each device
-    receives only its stage's share. None when the layout does not allow it (the caller lets XLA re-shard)."""
+    """[L, ...] stored as ``sharding`` → [S·V·K, ...] in stage order (row s·V·K + r·K + k is layer
+    (r·S + s)·K + k, zero rows past L), split over ``pipeline`` in contiguous blocks, with all_to_alls inside
+    shard_map: each device receives only its stage's share. None when the layout does not allow it (the caller
+    lets XLA re-shard)."""
     spec = list(sharding.spec) + [None] * (a.ndim - len(sharding.spec))
     names = [() if n is None else ((n,) if isinstance(n, str) else tuple(n)) for n in spec]
     size = lambda ns: math.prod(mesh.shape[n] for n in ns)
