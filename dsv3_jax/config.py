@@ -213,6 +213,10 @@ class MeshConfig:
     fsdp: int = 1  # params sharded over the embed dim and gathered per layer; splits the batch
     tensor: int = 1  # heads / FFN width / vocab sharded (off in the report's recipe)
     pipeline_microbatches: int = 0  # micro-batches per step through the pipeline; 0 = 2 × pipeline stages
+    # gpipe: contiguous stages, bubble (S−1)/(M+S−1); circular: each stage holds V round-robin chunks of layers
+    # (interleaved), bubble (S−1)/(V·M+S−1), needs M ≥ S. See sharding/pipeline.py.
+    pipeline_schedule: Literal["gpipe", "circular"] = "gpipe"
+    pipeline_virtual_stages: int = 1  # V, circular only
     zero1: bool = True  # shard optimizer state over `data` (ZeRO-1); false = replicate it like the params
     # Node-limited routing (REFERENCE §5, §10): require that model.n_group router groups each sit on one node of
     # the expert axis, so group-limited top-k sends every token to experts on ≤ model.topk_group nodes. Checked
@@ -224,6 +228,13 @@ class MeshConfig:
         if self.expert_shards_per_node < 0:
             raise ConfigError(f"mesh.expert_shards_per_node={self.expert_shards_per_node}: must be ≥ 0 (0 = derive "
                               f"from the processes)")
+
+    def __post_init__(self) -> None:
+        if self.pipeline_virtual_stages < 1:
+            raise ConfigError(f"mesh.pipeline_virtual_stages={self.pipeline_virtual_stages}: must be ≥ 1")
+        if self.pipeline_microbatches < 0:
+            raise ConfigError(f"mesh.pipeline_microbatches={self.pipeline_microbatches}: must be ≥ 0 "
+                              "(0 = 2 × stages)")
 
 
 @dataclasses.dataclass(frozen=True)

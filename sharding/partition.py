@@ -25,8 +25,30 @@ def logical_specs(cfg: ModelConfig) -> dict:
 
 
 def variable_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
-    """NamedSharding per variable leaf ({'params', 'router'}) from the rules table."""
-    return nn.logical_to_mesh_sharding(logical_specs(cfg), mesh, LOGICAL_RULES)
+    """NamedSharding per variable leaf ({'params', 'router'}) from the rules table, fitted to the leaf shapes."""
+    tokens = jax.ShapeDtypeStruct((1, 1), jax.numpy.int32)
+    boxed = jax.eval_shape(lambda t: Transformer(cfg).init(jax.random.key(0), t), tokens)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, LOGICAL_RULES)
+    return jax.tree.map(lambda s, v: fit_sharding(s, v.shape), shardings, nn.unbox(boxed))
+
+
+def fit_sharding(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+    """``sharding`` with every mesh axis that does not divide its dim moved to the first dim it divides (or
+    dropped: replicated). E.g. 58 MoE layers on mesh.pipeline=16: the ``layers`` dim cannot be split into 16
+    equal stages, so ``pipeline`` shards another dim of the stack and the pipeline re-lays it per step."""
+    mesh = sharding.mesh
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    names = [[] if s is None else ([s] if isinstance(s, str) else list(s)) for s in spec]
+    moved = []
+    for i, dim in enumerate(shape):
+        while names[i] and dim % math.prod(mesh.shape[a] for a in names[i]):
+            moved.append(names[i].pop())
+    if not moved:
+        return sharding
+    out = NamedSharding(mesh, P(*[tuple(n) if n else None for n in names]))
+    for axis in moved:
+        out = zero1_sharding(out, shape, axis)
+    return out
 
 
 def zero1_sharding(sharding: NamedSharding, shape: tuple[int, ...], axis: str = "data") -> NamedSharding:
@@ -87,10 +109,11 @@ def state_shardings(params, router, opt_state, cfg: ModelConfig, mesh: Mesh, zer
 
 
 @contextlib.contextmanager
-def parallel_context(mesh: Mesh, pipeline_microbatches: int = 0):
+def parallel_context(mesh: Mesh, pipeline_microbatches: int = 0, pipeline_schedule: str = "gpipe",
+                     pipeline_virtual_stages: int = 1):
     """Trace model code under ``mesh``: logical constraints resolve through the rules table, MoE layers
-    dispatch across the expert axis and the MoE stack runs through the pipeline."""
+    dispatch across the expert axis and the MoE stack runs through the pipeline (sharding/pipeline.py)."""
     use = jax.set_mesh if isinstance(mesh, Mesh) else jax.sharding.use_abstract_mesh  # abstract: plans
     with (use(mesh), nn.logical_axis_rules(LOGICAL_RULES), expert_parallel(mesh),
-          pipeline_parallel(mesh, pipeline_microbatches)):
+          pipeline_parallel(mesh, pipeline_microbatches, pipeline_schedule, pipeline_virtual_stages)):
         yield

@@ -372,7 +372,9 @@ def test_train_py_config_errors_exit_2_without_traceback(tmp_path, capsys):
                            (["--config", str(tmp_path / "missing.yaml")], "does not exist"),
                            (["model.hiden_size=64"], "Did you mean 'hidden_size'"),
                            (["train.global_batch_size=6", "train.micro_batch_size=4"],
-                            "multiple of the micro-batch size")):
+                            "multiple of the micro-batch size"),
+                           (["mesh.pipeline_schedule=1f1b"], "must be one of 'gpipe', 'circular'"),
+                           (["mesh.pipeline_virtual_stages=0"], "must be ≥ 1")):
         assert train_py.main(args) == 2
         assert expected in capsys.readouterr().err
 

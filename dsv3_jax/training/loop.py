@@ -144,12 +144,12 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
         ckpt.close()
         raise
     if mesh is not None:
-        from sharding.pipeline import bubble_fraction
+        from sharding.pipeline import schedule_summary
 
         msg = f"mesh {dict(mesh.shape)}"
         if (S := mesh.shape["pipeline"]) > 1:
-            M = cfg.mesh.pipeline_microbatches or 2 * S
-            msg += f"; pipeline: {S} stages × {M} micro-batches (GPipe), bubble {bubble_fraction(S, M):.1%}"
+            m = cfg.mesh
+            msg += "; " + schedule_summary(S, m.pipeline_microbatches, m.pipeline_schedule, m.pipeline_virtual_stages)
         progress.message(msg)
     state = init_state(cfg, mesh=mesh)
     if ckpt.latest_step() is not None:  # restores onto this run's mesh, whatever mesh saved it

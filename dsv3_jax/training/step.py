@@ -181,7 +181,8 @@ def _on_mesh(mesh: Any, cfg: Config):
         return contextlib.nullcontext()
     from sharding.partition import parallel_context
 
-    return parallel_context(mesh, cfg.mesh.pipeline_microbatches)
+    m = cfg.mesh
+    return parallel_context(mesh, m.pipeline_microbatches, m.pipeline_schedule, m.pipeline_virtual_stages)
 
 
 def train_step(state: TrainState, tokens: np.ndarray, cfg: Config, mesh: Any = None
