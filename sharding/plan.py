@@ -207,8 +207,8 @@ def _batch(cfg: Config, sizes: dict[str, int]) -> dict[str, Any]:
                      f"{mb} / M is a multiple of {Nb} (M = {mb // Nb} gives 1 sequence per device)")
     if S > 1 and m.num_moe_layers % S:
         notes.append(f"{m.num_moe_layers} MoE layers do not divide into {S} stages: planned with ceil = "
-                     f"{-(-m.num_moe_layers // S)} layers on the busiest stage (sharding/pipeline.py needs "
-                     f"uneven stages to run this)")
+                     f"{-(-m.num_moe_layers // S)} layers on the busiest stage (sharding/pipeline.py pads the "
+                     f"stack with identity layers to {-(-m.num_moe_layers // S) * S})")
     if m.remat != "full":
         notes.append(f"model.remat={m.remat}: the activation model assumes remat=full (block inputs only); "
                      f"saved activations are underestimated")
@@ -336,7 +336,8 @@ def memory(cfg: Config, sizes: dict[str, int], rows: list[dict], k: Knobs = Knob
         saved_pipe, saved_outer = slots * per_mb * tok_pm, 0.0
         outer_tok = tok_pm
     else:
-        where = "every device (embedding, dense, head, MTP replicated over pipeline)"
+        where = ("every device (embedding and LM head split over pipeline by the vocab rule; dense layers and MTP "
+                 "replicated over pipeline)")
         st = {key: sum(g[key] for g in groups.values()) for key in ("params", "grads", "moments")}
         if k.schedule == "dualpipe":  # two copies of the stage's layers (TR Table 2: parameters 2x)
             st = {key: st[key] + groups["moe"][key] for key in st}

@@ -19,9 +19,12 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_mlp", "tensor"),
-    ("activation_vocab", "tensor"),
+    # Vocab over pipeline too: the embedding, the LM head and the logits are split across the stages (each
+    # computes 1/S of the logits) instead of a full copy on every stage; fit_sharding moves the axis to
+    # another dim when the vocab does not divide.
+    ("activation_vocab", ("pipeline", "tensor")),
     # parameters
-    ("vocab", "tensor"),
+    ("vocab", ("pipeline", "tensor")),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),

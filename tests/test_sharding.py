@@ -59,6 +59,11 @@ def test_loss_and_grads_match_one_device(reference, mesh_cfg):
     # Experts really are split over the expert axis.
     w = vs["params"]["moe_layers"]["layers"]["block"]["mlp"]["gate_proj"]
     assert w.sharding.shard_shape(w.shape)[1] == CFG.n_routed_experts // mesh.shape["expert"]
+    # Embedding and LM head are split over the pipeline stages, not copied onto each (vocab 97 is prime, so
+    # the pipeline axis lands on their model dim).
+    for leaf in (vs["params"]["embed"]["embedding"], vs["params"]["lm_head"]["kernel"]):
+        assert leaf.sharding.shard_shape(leaf.shape)[0] * leaf.sharding.shard_shape(leaf.shape)[1] * \
+            mesh.shape["pipeline"] * mesh.shape["fsdp"] == leaf.size
 
 
 def test_expert_parallel_drops_no_token_with_skewed_routing():
