@@ -43,3 +43,14 @@ def random_variables(cfg: ModelConfig, seed: int = 0) -> dict:
         return (rng.standard_normal(s.shape) * cfg.initializer_range).astype(s.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+# The smallest model with every feature on, as train.py key=value overrides (CLI and multi-process tests).
+TINY_MODEL_OVERRIDES = (
+    "model.vocab_size=256", "model.hidden_size=32", "model.intermediate_size=64", "model.moe_intermediate_size=16",
+    "model.num_hidden_layers=2", "model.first_k_dense_replace=1", "model.num_attention_heads=2",
+    "model.q_lora_rank=16", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8",
+    "model.v_head_dim=8", "model.n_routed_experts=8", "model.n_group=4", "model.topk_group=2",
+    "model.num_experts_per_tok=2", "model.max_position_embeddings=64", "model.rope_scaling=null",
+    "model.initializer_range=0.02", "model.dtype=float32", "data.seq_len=16", "data.tokenizer_vocab_size=256",
+)

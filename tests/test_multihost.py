@@ -18,6 +18,7 @@ from dsv3_jax.config import MeshConfig
 from sharding.distributed import DistributedError, allgather_json, batch_shard, launch_kwargs, to_global
 from sharding.mesh import make_mesh
 from sharding.partition import microbatch_sharding
+from tests.common import TINY_MODEL_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
 JAX_ENV = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
@@ -75,12 +76,7 @@ def test_one_process_holds_the_whole_batch():
 # ------------------------------------------------------------------------------------------------------------
 
 TINY = [
-    "model.vocab_size=256", "model.hidden_size=32", "model.intermediate_size=64", "model.moe_intermediate_size=16",
-    "model.num_hidden_layers=2", "model.first_k_dense_replace=1", "model.num_attention_heads=2",
-    "model.q_lora_rank=16", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8",
-    "model.v_head_dim=8", "model.n_routed_experts=8", "model.n_group=4", "model.topk_group=2",
-    "model.num_experts_per_tok=2", "model.max_position_embeddings=64", "model.rope_scaling=null",
-    "model.dtype=float32", "data.seq_len=16", "data.tokenizer_vocab_size=256", "train.global_batch_size=4",
+    *TINY_MODEL_OVERRIDES, "train.global_batch_size=4",
     "train.lr=1e-2", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=0",
     "train.checkpoint_every=100", "mesh.data=2", "mesh.expert=2", "mesh.node_limited_routing=true",
 ]

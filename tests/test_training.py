@@ -28,16 +28,12 @@ from dsv3_jax.training.loop import Diverged, train
 from dsv3_jax.training.loss import compute_losses, mtp_targets
 from dsv3_jax.training.metrics import flops_per_token
 from dsv3_jax.training.step import TrainState, init_state, max_violation, train_step, update_router
+from tests.common import TINY_MODEL_OVERRIDES
 from tests.synthetic_data import SyntheticIterator
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [  # the test model: every feature on, as small as it gets
-    "model.vocab_size=256", "model.hidden_size=32", "model.intermediate_size=64", "model.moe_intermediate_size=16",
-    "model.num_hidden_layers=2", "model.first_k_dense_replace=1", "model.num_attention_heads=2",
-    "model.q_lora_rank=16", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8",
-    "model.v_head_dim=8", "model.n_routed_experts=8", "model.n_group=4", "model.topk_group=2",
-    "model.num_experts_per_tok=2", "model.max_position_embeddings=64", "model.rope_scaling=null",
-    "model.initializer_range=0.02", "model.dtype=float32", "data.seq_len=16", "data.tokenizer_vocab_size=256",
+    *TINY_MODEL_OVERRIDES,
     "train.global_batch_size=4", "train.lr=1e-2", "train.warmup_steps=2", "train.log_every=1",
     "train.eval_every=0", "train.checkpoint_every=2", "train.steps=6",
 ]
