@@ -228,8 +228,6 @@ class MeshConfig:
         if self.expert_shards_per_node < 0:
             raise ConfigError(f"mesh.expert_shards_per_node={self.expert_shards_per_node}: must be ≥ 0 (0 = derive "
                               f"from the processes)")
-
-    def __post_init__(self) -> None:
         if self.pipeline_virtual_stages < 1:
             raise ConfigError(f"mesh.pipeline_virtual_stages={self.pipeline_virtual_stages}: must be ≥ 1")
         if self.pipeline_microbatches < 0:
