@@ -52,5 +52,5 @@ TINY_MODEL_OVERRIDES = (
     "model.q_lora_rank=16", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8",
     "model.v_head_dim=8", "model.n_routed_experts=8", "model.n_group=4", "model.topk_group=2",
     "model.num_experts_per_tok=2", "model.max_position_embeddings=64", "model.rope_scaling=null",
-    "model.initializer_range=0.02", "model.dtype=float32", "data.seq_len=16", "data.tokenizer_vocab_size=256",
+    "model.dtype=float32", "data.seq_len=16", "data.tokenizer_vocab_size=256",
 )

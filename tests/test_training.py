@@ -33,7 +33,7 @@ from tests.synthetic_data import SyntheticIterator
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [  # the test model: every feature on, as small as it gets
-    *TINY_MODEL_OVERRIDES,
+    *TINY_MODEL_OVERRIDES, "model.initializer_range=0.02",
     "train.global_batch_size=4", "train.lr=1e-2", "train.warmup_steps=2", "train.log_every=1",
     "train.eval_every=0", "train.checkpoint_every=2", "train.steps=6",
 ]
