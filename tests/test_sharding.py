@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,6 +66,25 @@ def test_loss_and_grads_match_one_device(reference, mesh_cfg):
     for leaf in (vs["params"]["embed"]["embedding"], vs["params"]["lm_head"]["kernel"]):
         assert leaf.sharding.shard_shape(leaf.shape)[0] * leaf.sharding.shard_shape(leaf.shape)[1] * \
             mesh.shape["pipeline"] * mesh.shape["fsdp"] == leaf.size
+
+
+@pytest.mark.slow
+def test_vocab_split_over_pipeline_matches_one_device():
+    """With a vocab the stages divide, embedding, LM head and logits are sharded on the vocab dim over
+    ``pipeline`` (no full copy per stage); loss and gradients still equal one device."""
+    cfg = dataclasses.replace(CFG, vocab_size=96)
+    v = init_variables(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
+    (loss, _), grads = jax.jit(_loss(cfg))(v["params"], v["router"], tokens)
+    mesh = make_mesh(MeshConfig(pipeline=2, data=2, expert=2))
+    vs = jax.device_put(v, variable_shardings(cfg, mesh))
+    emb, head = vs["params"]["embed"]["embedding"], vs["params"]["lm_head"]["kernel"]
+    assert emb.sharding.shard_shape(emb.shape)[0] == 48 and head.sharding.shard_shape(head.shape)[1] == 48
+    with parallel_context(mesh):
+        (l2, _), g2 = jax.jit(_loss(cfg))(vs["params"], vs["router"], jax.device_put(tokens, batch_sharding(mesh)))
+    assert abs(float(l2) - float(loss)) <= 1e-5 * abs(float(loss))
+    for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
 def test_expert_parallel_drops_no_token_with_skewed_routing():
