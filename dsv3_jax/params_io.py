@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from dsv3_jax.config import Config, ModelConfig, load_config, save_config
@@ -49,9 +50,23 @@ def load_variables(ckpt_dir: str | Path, dtype: str | None = None) -> tuple[dict
         raise FileNotFoundError(f"{d}: not a dsv3-jax params checkpoint (expects config.yaml and variables/)")
     cfg = load_config(d / "config.yaml")
     with ocp.StandardCheckpointer() as ckptr:
-        variables = ckptr.restore(d / "variables")
+        meta = ckptr.metadata(d / "variables").item_metadata.tree
+        variables = ckptr.restore(d / "variables", restore_target(meta, dtype))
     if dtype is not None:
-        variables = {k: (v if k == "router" else jax.tree.map(lambda a: a.astype(dtype), v))
-                     for k, v in variables.items()}
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype=dtype))
     return variables, cfg
+
+
+def restore_target(meta: dict, dtype: str | None = None, sharding: jax.sharding.Sharding | None = None) -> dict:
+    """Abstract restore target {'params', 'router'} from a saved tree's Orbax metadata, placed on ``sharding``
+    (default: this process's first device) instead of the devices it was saved from — a checkpoint written on
+    8 GPUs or on a CPU restores on any machine. ``dtype`` casts floating params while reading (not the router)."""
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def leaf(path, m):
+        dt = m.dtype
+        if dtype is not None and path[0].key != "router" and jnp.issubdtype(dt, jnp.floating):
+            dt = jnp.dtype(dtype)
+        return jax.ShapeDtypeStruct(tuple(m.shape), dt, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(leaf, meta)

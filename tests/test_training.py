@@ -399,3 +399,47 @@ def test_sigterm_saves_and_exits_0(tmp_path):
     steps = Checkpointer(tmp_path / "run" / "checkpoints").all_steps()
     last_logged = read_jsonl(metrics)[-1]["step"]
     assert len(steps) == 1 and steps[0] == last_logged >= 3  # the step finished, was logged and saved
+
+
+_SAVE_ON_LAST_DEVICE = """
+import sys, jax, jax.numpy as jnp, numpy as np
+from dsv3_jax.config import Config, ModelConfig
+from dsv3_jax.params_io import save_variables
+from dsv3_jax.training.checkpoint import Checkpointer
+from dsv3_jax.training.step import TrainState
+dev = jax.devices()[-1]
+assert dev.id == 3, jax.devices()
+params = {"w": jax.device_put(jnp.arange(12, dtype=jnp.float32).reshape(3, 4), dev)}
+router = {"b": jax.device_put(jnp.ones(2, jnp.float32), dev)}
+save_variables(sys.argv[1] + "/params", {"params": params, "router": router}, ModelConfig())
+ck = Checkpointer(sys.argv[1] + "/run", async_save=False)
+ck.save(TrainState(params, router, {"mu": params}, np.int64(5), np.int64(0), jax.device_put(jnp.zeros(2, jnp.uint32), dev)),
+        None, Config())
+ck.close()
+"""
+
+_RESTORE_ON_ONE_DEVICE = """
+import sys, jax, numpy as np
+from dsv3_jax.params_io import load_variables
+from dsv3_jax.training.checkpoint import restore_params
+assert len(jax.devices()) == 1
+v, _ = load_variables(sys.argv[1] + "/params", dtype="bfloat16")
+r, _ = restore_params(sys.argv[1] + "/run")
+for tree, wdt in ((v, "bfloat16"), (r, "float32")):
+    assert str(tree["params"]["w"].dtype) == wdt and str(tree["router"]["b"].dtype) == "float32"
+    np.testing.assert_array_equal(np.asarray(tree["params"]["w"], np.float32), np.arange(12.0).reshape(3, 4))
+    assert tree["params"]["w"].devices() == {jax.devices()[0]}
+print("OK")
+"""
+
+
+def test_checkpoints_restore_on_another_topology(tmp_path):
+    """Saved from device cpu:3 of a 4-device process, both checkpoint kinds restore in a 1-device process (a
+    checkpoint from a GPU box served elsewhere): the saved shardings name devices that no longer exist."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    for code, n in ((_SAVE_ON_LAST_DEVICE, 4), (_RESTORE_ON_ONE_DEVICE, 1)):
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+        r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                           timeout=300, check=False)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().endswith("OK")

@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dsv3_jax.config import Config, ConfigError, from_dict, to_dict
+from dsv3_jax.params_io import restore_target
 from dsv3_jax.training.step import TrainState
 
 _ITEMS = ("variables", "opt", "meta", "config")
@@ -157,7 +158,9 @@ def restore_params(ckpt_dir: str | Path, step: int | None = None) -> tuple[dict[
             raise FileNotFoundError(f"no complete checkpoint in {directory}")
         if step not in mgr.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; have {list(mgr.all_steps())}")
-        r = mgr.restore(step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(),
+        with ocp.StandardCheckpointer() as ckptr:  # shapes/dtypes only: restore on this machine's devices
+            target = restore_target(ckptr.metadata(directory / str(step) / "variables").item_metadata.tree)
+        r = mgr.restore(step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(target),
                                                       config=ocp.args.JsonRestore()))
     finally:
         mgr.close()
