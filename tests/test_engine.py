@@ -278,3 +278,19 @@ def test_no_recompiles_after_warmup(engine, spec_engine):
     engine.generate(prompts, params)
     spec_engine.generate(prompts, params)
     assert (dict(engine.traces), dict(spec_engine.traces)) == before
+
+
+def test_chunked_engines_do_not_compile_mid_traffic(variables, spec_variables, tok):
+    """With decode_chunk > 1 a queue meeting a row about to finish takes single-step calls; warmup compiles
+    that variant too, so a burst of more requests than rows (rows finishing at different steps) compiles
+    nothing new."""
+    for v, spec in ((variables, False), (spec_variables, True)):
+        e = Engine(CFG, v, tokenizer=tok, max_slots=2, max_len=MAX_LEN, decode_chunk=4, speculative=spec)
+        e.warmup(buckets=[16, 32])
+        kind = "spec" if spec else "decode"
+        before = dict(e.traces)
+        assert before == {"prefill_16": 1, "prefill_32": 1, f"{kind}_4": 1, f"{kind}_1": 1}
+        params = [dataclasses.replace(GREEDY, max_tokens=m) for m in (3, 9, 6, 2, 7)]
+        out = e.generate([[3] * n for n in (1, 4, 9, 16, 20)], params)
+        assert [len(c.token_ids) for c in out] == [3, 9, 6, 2, 7]
+        assert dict(e.traces) == before

@@ -315,3 +315,33 @@ def test_yarn_variants_match_hf():
         scale, factor = rope.attention_factors(cfg)
         assert math.isclose(scale, v["softmax_scale"], rel_tol=1e-6), name
         assert math.isclose(factor, v["cos_sin_factor"], rel_tol=1e-6), name
+
+
+@pytest.mark.parametrize("in_dims,x_shape,k_shape", [(1, (3, 8, 16), (16, 12)), (2, (3, 8, 2, 16), (2, 16, 12)),
+                                                     (1, (3, 8, 16), (16, 3, 5))])
+def test_bf16_projection_gradients_stay_bf16_and_match_f32(in_dims, x_shape, k_shape):
+    """``project`` in bf16 with an f32 master kernel: forward and both gradients match an f32 HIGHEST reference
+    to bf16 accuracy, the kernel gradient comes back f32, and no backward GEMM runs on f32 inputs (that made
+    them TF32 on Hopper)."""
+    from dsv3_jax.layers import _dims, project
+
+    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, x_shape).astype(jnp.bfloat16)
+    k = jax.random.normal(kk, k_shape)
+    gy = jax.random.normal(kg, x_shape[:len(x_shape) - in_dims] + k_shape[in_dims:])
+
+    def ours(x, k):
+        return (project(x, k, in_dims, jnp.bfloat16).astype(jnp.float32) * gy).sum()
+
+    def ref(x, k):
+        return (jax.lax.dot_general(x.astype(jnp.float32), k, _dims(x, in_dims), precision="highest") * gy).sum()
+
+    (dx, dk), (rx, rk) = jax.grad(ours, (0, 1))(x, k), jax.grad(ref, (0, 1))(x, k)
+    assert dx.dtype == jnp.bfloat16 and dk.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(dx, np.float32), rx, atol=0.02 * float(jnp.abs(rx).max()))
+    np.testing.assert_allclose(dk, rk, atol=0.01 * float(jnp.abs(rk).max()))
+    y = project(x, k, in_dims, jnp.bfloat16)
+    y_ref = jax.lax.dot_general(x.astype(jnp.float32), k, _dims(x, in_dims), precision="highest")
+    np.testing.assert_allclose(np.asarray(y, np.float32), y_ref, atol=0.01 * float(jnp.abs(y_ref).max()))
+    dots = [e for e in jax.make_jaxpr(jax.grad(ours, (0, 1)))(x, k).jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) >= 2 and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)

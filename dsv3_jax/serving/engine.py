@@ -139,6 +139,7 @@ class Engine:
         if decode_chunk < 1:
             raise ValueError(f"decode_chunk={decode_chunk}: must be ≥ 1")
         self.decode_chunk = decode_chunk
+        self._single_step = False  # warmup: force the single-step variant
         self._cache_len = self.max_len + self.K  # a verify window may reach K slots past the context
         self._cache_dtype = cache_dtype
         self._reset_state()
@@ -250,10 +251,19 @@ class Engine:
             self._thread = None
 
     def warmup(self, buckets: Sequence[int] | None = None) -> None:
-        """Compile the decode step and the prefill buckets (all by default) with throwaway requests."""
-        for b in buckets or self.buckets:
-            self.generate([[0] * min(b, self.max_len - 2)], SamplingParams(max_tokens=2, temperature=0,
-                                                                           ignore_eos=True))
+        """Compile the prefill buckets (all by default) and every decode variant with throwaway requests: the
+        ``decode_chunk``-step call and, when it is > 1, the single-step call that serves a queue while a row is
+        about to free (compiled mid-traffic, it stalled every stream for seconds on the H100)."""
+        buckets = list(buckets or self.buckets)
+        greedy = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        for b in buckets:
+            self.generate([[0] * min(b, self.max_len - 2)], greedy)
+        if self.decode_chunk > 1:
+            self._single_step = True
+            try:
+                self.generate([[0] * min(buckets[0], self.max_len - 2)], greedy)
+            finally:
+                self._single_step = False
 
     def stats(self) -> dict[str, float]:
         """Counters and gauges for /metrics."""
@@ -434,7 +444,7 @@ class Engine:
         n = self.decode_chunk
         with self._lock:
             waiting = bool(self._waiting)
-        return 1 if n > 1 and waiting and min(left) < n else n
+        return 1 if n > 1 and (self._single_step or waiting and min(left) < n) else n
 
     def _commit(self, slot: int, new: list[int]) -> None:
         """Append new tokens to a row, apply the stop rules, emit an event; free the row when finished."""

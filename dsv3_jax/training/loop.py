@@ -162,34 +162,50 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
     peak = metrics_lib.peak_flops_per_device(t.peak_flops)
     eval_batches: list[np.ndarray] | None = None
 
-    interval_tokens, interval_time, interval_losses = 0, 0.0, []
+    interval_tokens, interval_losses, interval_start = 0, [], time.perf_counter()
     record: dict[str, Any] | None = None
+
+    def settle(step: int, m: dict) -> tuple[float, float]:
+        """Read one dispatched step's metrics (waits for that step only): Diverged if not finite; returns
+        (loss averaged over the log interval, tokens/s over it)."""
+        nonlocal interval_tokens
+        if not bool(m["finite"]):
+            m = jax.device_get(m)
+            last = ckpt.latest_step()
+            raise Diverged(
+                f"step {step}: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} is not "
+                f"finite; stopped without saving this state. Last good checkpoint: "
+                f"{f'{ckpt.directory}/{last}' if last is not None else 'none'}. Try a lower train.lr "
+                f"(now {t.lr}) or more train.warmup_steps (now {t.warmup_steps}).")
+        interval_tokens += int(m["tokens"])
+        interval_losses.append(float(m["loss"]))
+        elapsed = time.perf_counter() - interval_start
+        loss_avg = sum(interval_losses) / len(interval_losses)  # smoother than one small batch
+        progress.update(step, loss_avg, interval_tokens / elapsed if elapsed > 0 else math.nan)
+        return loss_avg, interval_tokens / elapsed if elapsed > 0 else math.nan
+
+    # No host sync per step: a step's metrics are read after the next step is queued, so the device never
+    # idles on Python. Steps that log, evaluate or checkpoint are read at once (a bad state is never saved).
+    pending: tuple[int, dict] | None = None
     try:
         with _StopOnSignal() as stop:
             while int(state.step) < t.steps and not any_process(stop.signal is not None):
-                t0 = time.perf_counter()
                 n = num_micro_batches(t, int(state.tokens_seen))
                 batch = _next_batch(it, n, local_mb, seq_len)
-                prev_step = int(state.step)
                 state, m = train_step(state, batch, cfg, mesh)
-                if not bool(m["finite"]):  # waits for the step; cheap next to a real step
-                    m = jax.device_get(m)
-                    last = ckpt.latest_step()
-                    raise Diverged(
-                        f"step {prev_step + 1}: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} is not "
-                        f"finite; stopped without saving this state. Last good checkpoint: "
-                        f"{f'{ckpt.directory}/{last}' if last is not None else 'none'}. Try a lower train.lr "
-                        f"(now {t.lr}) or more train.warmup_steps (now {t.warmup_steps}).")
-                step = int(state.step)
-                interval_tokens += int(m["tokens"])
-                interval_time += time.perf_counter() - t0
-                interval_losses.append(float(m["loss"]))
-                tokens_per_s = interval_tokens / interval_time if interval_time > 0 else math.nan
-                loss_avg = sum(interval_losses) / len(interval_losses)  # smoother than one small batch
-                progress.update(step, loss_avg, tokens_per_s)
+                step = int(state.step)  # host counter: no sync
+                if pending is not None:
+                    settle(*pending)
+                pending = (step, m)
+                eval_due = make_eval_iter is not None and t.eval_every > 0 and step % t.eval_every == 0
+                ckpt_due = t.checkpoint_every > 0 and step % t.checkpoint_every == 0
+                if not (eval_due or ckpt_due or step % t.log_every == 0 or step == t.steps):
+                    continue
+                loss_avg, tokens_per_s = settle(*pending)
+                pending = None
 
                 evaluated = {}
-                if make_eval_iter is not None and t.eval_every > 0 and step % t.eval_every == 0:
+                if eval_due:
                     if eval_batches is None:  # the same held-out batches every time: comparable numbers
                         eval_it = make_eval_iter(local_mb, **shard)
                         eval_batches = [np.asarray(next(eval_it)["tokens"]) for _ in range(t.eval_batches)]
@@ -207,10 +223,13 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
                                   micro_batches=n, **evaluated)
                     if writer is not None:
                         writer.write(record, expert_load=m["expert_load"])
-                    interval_tokens, interval_time, interval_losses = 0, 0.0, []
+                    interval_tokens, interval_losses, interval_start = 0, [], time.perf_counter()
 
-                if t.checkpoint_every > 0 and step % t.checkpoint_every == 0:
+                if ckpt_due:
                     ckpt.save(state, it.get_state(), cfg)
+            if pending is not None:  # stopped by a signal between log steps: check it before saving it
+                settle(*pending)
+                pending = None
             # Finished, or a signal arrived: make sure the last completed step is on disk.
             if int(state.step) > 0:
                 ckpt.save(state, it.get_state(), cfg)
