@@ -4,6 +4,9 @@
 # dsv3_jax.params_io.save_variables; carry it), prompts cut from a stdlib source file; then the HTTP server under
 # 64 concurrent streaming clients (bench architecture at 6 layers, random weights).
 #   bash bench/gpu_mtp_server.sh [CKPT]      # results in $OUT
+# The device has no HTTP stack: carry .whl built with the server's wheels too, e.g.
+#   bash ../shared/gpu/wheels.sh .whl fastapi starlette uvicorn h11 click anyio sniffio openai httpx httpcore \
+#     distro jiter idna certifi tqdm typing_extensions annotated-doc opentelemetry-api httpx2 httpcore2 truststore
 set -uo pipefail
 CKPT=${1:-runs/tiny_mtp_params}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -18,6 +21,7 @@ q() { grep -v -E "Autotuning cache miss|^WARNING:absl" | tee "$OUT/$1.log" | gre
 timeout 90 python3 bench/serving.py $C --decode-chunk 1 --json "$OUT/mtp_plain1.json" 2>&1 | q mtp_plain1
 timeout 90 python3 bench/serving.py $C --decode-chunk 8 --json "$OUT/mtp_plain8.json" 2>&1 | q mtp_plain8
 timeout 90 python3 bench/serving.py $C --speculative --json "$OUT/mtp_spec.json" 2>&1 | q mtp_spec
+timeout 90 python3 bench/serving.py $C --speculative --decode-chunk 8 --json "$OUT/mtp_spec8.json" 2>&1 | q mtp_spec8
 timeout 150 python3 bench/server_load.py --config configs/bench_1gpu.yaml --clients 64 --slots 32 --tokens 128 \
   --json "$OUT/server_load.json" model.num_hidden_layers=6 model.num_nextn_predict_layers=0 \
   model.param_dtype=bfloat16 2>&1 | q server_load

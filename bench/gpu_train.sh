@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One device call: train-step benchmarks of BENCHMARKS.md — the bench config at LAYERS (default 12, the most
+# One device call: train-step benchmarks of BENCHMARKS.md — the bench config at LAYERS (default 13, the most
 # that fits 80 GB), BF16 vs FP8 at 6 layers, and (unless SKIP_PEER) HF transformers' step at LAYERS.
 #   bash bench/gpu_train.sh [LAYERS]          # results in $OUT
 set -uo pipefail
-LAYERS=${1:-12}
+LAYERS=${1:-13}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 if [ -d .whl ]; then
