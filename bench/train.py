@@ -37,6 +37,16 @@ def flops_per_token(m: ModelConfig, seq: int) -> float:
     return 6 * active + 3 * attn
 
 
+def flops_formula(m: ModelConfig, seq: int) -> str:
+    """The FLOPs-per-token formula with this model's numbers filled in (printed next to every MFU)."""
+    c = m.param_counts()
+    active = c["active"] - c["embedding"] + c["mtp_active"]
+    layers = m.num_hidden_layers + m.num_nextn_predict_layers
+    return (f"per token = 6·active non-embedding params + 3·L·n_h·T·(d_qk + d_v) = 6·{active / 1e9:.3f}e9 + "
+            f"3·{layers}·{m.num_attention_heads}·{seq}·({m.qk_head_dim}+{m.v_head_dim}) = "
+            f"{flops_per_token(m, seq) / 1e9:.2f} GFLOP")
+
+
 def peak_flops() -> float | None:
     kind = jax.devices()[0].device_kind
     return next((v for k, v in PEAK_BF16.items() if k in kind), None)
@@ -95,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     fpt = flops_per_token(m, seq)
     peak = peak_flops()
     mfu = tps * fpt / peak if peak else None
+    print(f"FLOPS {flops_formula(m, seq)}; MFU against {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}")
     if a.profile:
         from bench.profile_summary import summarise
 

@@ -20,3 +20,16 @@ def test_scaling_sweep_keeps_tokens_per_step_and_reports_failures(tmp_path, caps
     assert ok[1]["gflop_per_token"] > ok[0]["gflop_per_token"]  # attention FLOPs grow with the sequence
     assert "error" in rows[3]  # 7 experts do not split into the config's groups: reported, sweep finished
     assert "failed" in capsys.readouterr().out
+
+
+def test_flops_formula_matches_the_hf_peers_count():
+    """Our FLOPs/token for the bench config equals what the HF peer script computed from the HF model's own
+    parameter count on the H100 (bench/results/2026-11-25-h100-s3/train_hf_L13.log: active non-embedding
+    1.010B, 6.88 GFLOP/token at 13 layers, seq 4096)."""
+    from bench.train import flops_formula, flops_per_token
+    from dsv3_jax.config import load_config
+
+    m = load_config("configs/bench_1gpu.yaml", ["model.num_nextn_predict_layers=0"]).model
+    assert m.num_hidden_layers == 13
+    assert round(flops_per_token(m, 4096) / 1e9, 2) == 6.88
+    assert "6·1.010e9" in flops_formula(m, 4096) and flops_formula(m, 4096).endswith("6.88 GFLOP")
