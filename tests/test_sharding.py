@@ -130,7 +130,6 @@ def test_mesh_errors_and_bubble():
 # ---------------------------------------------------------------------------------------------------------
 
 def _train_cfg(**mesh):
-    import dataclasses
 
     from dsv3_jax.config import Config, DataConfig, TrainConfig
 
