@@ -1,15 +1,19 @@
-"""Kernel benchmarks at the bench config's shapes: grouped GEMM (experts), MLA attention, FP8 GEMM, dense GEMM.
+"""Kernel benchmarks at the bench config's shapes: grouped GEMM (experts), MLA attention, FP8 GEMM, dense GEMM,
+and the block-scaled FP8 Pallas kernels (dsv3_jax/kernels/fp8_gemm.py) against BF16 at the same shapes.
 
-    python bench/kernels.py [--json OUT.json] [--quick]
+    python bench/kernels.py [--json OUT.json] [--quick] [--only fp8]
 
 Prints a table (TFLOP/s of useful work, median of --iters runs after a warm-up) and, with --json, writes the
-numbers. On CPU it runs tiny shapes only to check that the script works (--quick is implied).
+numbers. On CPU it runs tiny shapes only to check that the script works (--quick is implied; the FP8 Pallas
+kernels run in interpret mode there, one iteration). FP8 rows carry ``rel_err``: ‖kernel − exact emulation‖ /
+‖emulation‖ (``fp8.chunked_dot``; Hopper's FP8 MMA keeps fewer accumulator bits within a 128-K chunk).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -20,7 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.kernels import causal_attention, grouped_matmul
+from dsv3_jax import fp8
+from dsv3_jax.kernels import (
+    block_scaled_grouped_matmul,
+    block_scaled_kgrouped_matmul,
+    block_scaled_matmul,
+    causal_attention,
+    grouped_matmul,
+)
 from dsv3_jax.kernels._backend import IMPORT_ERRORS, on_gpu, tokamax
 
 
@@ -113,20 +124,131 @@ def dense_rows(quick: bool, iters: int) -> list[dict]:
     return rows
 
 
+def _row(op: str, shape: str, impl: str, t: float, flops: float, **extra) -> dict:
+    return {"op": op, "shape": shape, "impl": impl, "ms": t * 1e3, "tflops": flops / t / 1e12, **extra}
+
+
+def _error_row(op: str, shape: str, impl: str, e: Exception) -> dict:
+    return {"op": op, "shape": shape, "impl": impl, "ms": float("nan"), "tflops": float("nan"),
+            "error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def _rel_err(got: jax.Array, ref: jax.Array) -> float:
+    got, ref = got.astype(jnp.float32), ref.astype(jnp.float32)
+    return float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+
+
+def _with_gemm_mode(mode: str, fn, *args) -> jax.Array:
+    """Trace and run ``fn`` with ``DSV3_FP8_GEMM=mode`` (read at trace time), restoring the variable after."""
+    old = os.environ.get("DSV3_FP8_GEMM")
+    os.environ["DSV3_FP8_GEMM"] = mode
+    try:
+        return jax.block_until_ready(fn(*args))
+    finally:
+        if old is None:
+            del os.environ["DSV3_FP8_GEMM"]
+        else:
+            os.environ["DSV3_FP8_GEMM"] = old
+
+
+def fp8_block_scaled_rows(quick: bool, iters: int) -> list[dict]:
+    """Block-scaled FP8 Pallas kernels (operands pre-quantised: kernel time only) vs BF16 at the same shapes:
+    dense [T, d]·[d, n] (o_proj 2048², dense-MLP up 2048×10944: N not a multiple of 128), the routed experts
+    [T·k, d]·[E, d, f] and their Wgrad [T·k, d]ᵀ·[T·k, f] per expert; then fp8_matmul fwd+bwd (quantisers
+    included) under DSV3_FP8_GEMM=pallas / dequant vs a BF16 matmul fwd+bwd."""
+    interpret = not on_gpu()
+    iters = 1 if interpret else iters
+    T, d, f, E, k = (8192, 2048, 1024, 64, 6) if not quick else (256, 256, 128, 4, 2)
+    dense_n = (2048, 10944) if not quick else (256, 200)
+    keys = iter(jax.random.split(jax.random.key(3), 16))
+    kern = {"interpret": interpret}
+    rows = []
+
+    def quant(shape, block, scale=1.0):
+        return fp8.quantize(jax.random.normal(next(keys), shape, jnp.float32) * scale, block)
+
+    for n in dense_n:
+        shape, flops = f"[{T},{d}]x[{d},{n}]", 2 * T * d * n
+        xq, wq = quant((T, d), fp8.TILE), quant((d, n), fp8.WEIGHT, 0.02)
+        sw = fp8._cols(wq.scale, n)
+        try:
+            args = (xq.q, xq.scale, wq.q, sw)
+            err = _rel_err(block_scaled_matmul(*args, jnp.float32, **kern),
+                           _with_gemm_mode("emulate", fp8.chunked_dot, *args))
+            fn = jax.jit(lambda a, sa, b, sb: block_scaled_matmul(a, sa, b, sb, jnp.bfloat16, **kern))
+            t = bench(fn, xq.q, xq.scale, wq.q, sw, iters=iters)
+            rows.append(_row("FP8 block-scaled GEMM", shape, "pallas", t, flops, rel_err=err))
+        except Exception as e:  # noqa: BLE001 — report, keep going (the Triton lowering is untested on GPU)
+            rows.append(_error_row("FP8 block-scaled GEMM", shape, "pallas", e))
+        a, b = fp8.dequantize(xq, fp8.TILE, jnp.bfloat16), fp8.dequantize(wq, fp8.WEIGHT, jnp.bfloat16)
+        t = bench(jax.jit(lambda a, b: a @ b), a, b, iters=iters)
+        rows.append(_row("GEMM bf16 (same shape)", shape, "xla", t, flops))
+
+    M = T * k
+    sizes = jnp.full((E,), M // E, jnp.int32)  # balanced routing
+    xq, wq = quant((M, d), fp8.TILE), quant((E, d, f), fp8.WEIGHT, 0.02)
+    sw = fp8._cols(wq.scale, f)
+    shape, flops = f"[{M},{d}]x[{E},{d},{f}]", 2 * M * d * f
+    try:
+        args = (xq.q, xq.scale, wq.q, sw, sizes)
+        err = _rel_err(block_scaled_grouped_matmul(*args, jnp.float32, **kern),
+                       _with_gemm_mode("emulate", fp8.grouped_chunked_dot, *args))
+        fn = jax.jit(lambda a, sa, b, sb, s: block_scaled_grouped_matmul(a, sa, b, sb, s, jnp.bfloat16, **kern))
+        t = bench(fn, xq.q, xq.scale, wq.q, sw, sizes, iters=iters)
+        rows.append(_row("FP8 block-scaled grouped GEMM", shape, "pallas", t, flops, rel_err=err))
+    except Exception as e:  # noqa: BLE001
+        rows.append(_error_row("FP8 block-scaled grouped GEMM", shape, "pallas", e))
+    a, b = fp8.dequantize(xq, fp8.TILE, jnp.bfloat16), fp8.dequantize(wq, fp8.WEIGHT, jnp.bfloat16)
+    impl = "tokamax" if tokamax() is not None else "xla"
+    t = bench(jax.jit(lambda a, b, s: grouped_matmul(a, b, s, impl)), a, b, sizes, iters=iters)
+    rows.append(_row("grouped GEMM bf16 (same shape)", shape, impl, t, flops))
+
+    xc, gc = quant((M, d), fp8.COL_TILE), quant((M, f), fp8.COL_TILE)
+    shape = f"[{M},{d}]T.[{M},{f}] /{E}"
+    try:
+        fn = jax.jit(lambda a, sa, b, sb, s: block_scaled_kgrouped_matmul(a, sa, b, sb, s, **kern))
+        t = bench(fn, xc.q, xc.scale, gc.q, gc.scale, sizes, iters=iters)
+        rows.append(_row("FP8 block-scaled expert Wgrad", shape, "pallas", t, flops))
+    except Exception as e:  # noqa: BLE001
+        rows.append(_error_row("FP8 block-scaled expert Wgrad", shape, "pallas", e))
+
+    n = dense_n[0]
+    x = jax.random.normal(next(keys), (T, d), jnp.bfloat16)
+    w = jax.random.normal(next(keys), (d, n), jnp.float32) * 0.02
+    shape, flops = f"[{T},{d}]x[{d},{n}]", 3 * 2 * T * d * n
+    for mode in ("pallas", "dequant"):
+        fb = jax.jit(jax.grad(lambda x, w: fp8.fp8_matmul(x, w).astype(jnp.float32).sum(), argnums=(0, 1)))
+        try:
+            t = _with_gemm_mode(mode, lambda fb=fb: bench(fb, x, w, iters=iters))  # traced under the mode
+            rows.append(_row("fp8_matmul fwd+bwd (incl. quantise)", shape, mode, t, flops))
+        except Exception as e:  # noqa: BLE001
+            rows.append(_error_row("fp8_matmul fwd+bwd (incl. quantise)", shape, mode, e))
+    fb = jax.jit(jax.grad(lambda x, w: (x @ w.astype(jnp.bfloat16)).astype(jnp.float32).sum(), argnums=(0, 1)))
+    t = bench(fb, x, w, iters=iters)
+    rows.append(_row("matmul bf16 fwd+bwd", shape, "xla", t, flops))
+    return rows
+
+
+SECTIONS = {"dense": dense_rows, "grouped": grouped_gemm_rows, "attention": attention_rows,
+            "fp8": fp8_block_scaled_rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--only", action="append", choices=sorted(SECTIONS), help="run these sections (repeatable)")
     a = ap.parse_args(argv)
     quick = a.quick or not on_gpu()
-    rows = dense_rows(quick, a.iters) + grouped_gemm_rows(quick, a.iters) + attention_rows(quick, a.iters)
+    rows = [r for name in (a.only or SECTIONS) for r in SECTIONS[name](quick, a.iters)]
     dev = jax.devices()[0]
     print(f"\ndevice: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, tokamax "
           f"{'yes' if tokamax() is not None else 'no ' + '; '.join(IMPORT_ERRORS)}")
     print(f"{'op':40s} {'impl':8s} {'shape':34s} {'ms':>9s} {'TFLOP/s':>8s}")
     for r in rows:
         print(f"{r['op']:40s} {r['impl']:8s} {r['shape']:34s} {r['ms']:9.3f} {r['tflops']:8.1f}"
+              + (f"  rel_err {r['rel_err']:.1e}" if "rel_err" in r else "")
               + (f"  ERROR {r['error']}" if "error" in r else ""))
     if a.json:
         Path(a.json).write_text(json.dumps({"device": dev.device_kind, "jax": jax.__version__, "rows": rows},

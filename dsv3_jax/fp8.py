@@ -7,7 +7,8 @@ with partial edge blocks (:func:`quantize_blocks`, :func:`dequantize_blocks`).
 JAX, for the model: online quantisers for any tile shape (:func:`quantize`), the DeepGEMM-style GEMM with FP32
 promotion every 128 of K (:func:`chunked_dot`), and the Linear / expert GEMMs whose forward *and* backward
 run in FP8 (:func:`fp8_dot`, :func:`fp8_grouped_matmul`, both ``jax.custom_vjp``). These are exact CPU
-references; fast GPU kernels plug in behind the same functions.
+references; fast GPU kernels plug in behind the same functions (:func:`gemm_mode`: ``DSV3_FP8_GEMM=pallas``
+runs the block-scaled Pallas/Triton kernels of :mod:`dsv3_jax.kernels.fp8_gemm`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 
 from dsv3_jax.kernels import grouped_matmul
 from dsv3_jax.kernels._backend import on_gpu
+from dsv3_jax.kernels.fp8_gemm import block_scaled_grouped_matmul, block_scaled_kgrouped_matmul, block_scaled_matmul
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
@@ -141,20 +143,39 @@ def dequantize(x: Quantized, block: tuple[int, int] = TILE, dtype: jnp.dtype = j
     return (x.q.astype(jnp.float32) * s).astype(dtype)
 
 
+GEMM_MODES = ("auto", "emulate", "dequant", "pallas")
+
+
+def gemm_mode() -> str:
+    """How the FP8 GEMMs run, from ``DSV3_FP8_GEMM`` (read at every call, nothing cached; default ``auto``):
+
+    ``emulate`` the exact per-chunk reference (XLA); ``dequant`` see :func:`dequant_gemm`; ``pallas`` the
+    block-scaled Pallas/Triton kernels of :mod:`dsv3_jax.kernels.fp8_gemm` (same math as ``emulate``; in
+    interpret mode off-GPU, for the tests); ``auto`` is ``dequant`` on a GPU, ``emulate`` elsewhere.
+    """
+    mode = os.environ.get("DSV3_FP8_GEMM", "auto")
+    if mode not in GEMM_MODES:
+        raise ValueError(f"DSV3_FP8_GEMM={mode!r}: expected one of {', '.join(GEMM_MODES)}")
+    if mode == "auto":
+        return "dequant" if on_gpu() else "emulate"
+    return mode
+
+
+def _pallas_gemm() -> bool:
+    return gemm_mode() == "pallas"
+
+
 def dequant_gemm() -> bool:
     """Whether the FP8 GEMMs run as "dequantise the FP8 tiles to BF16, one BF16 tensor-core GEMM with FP32
     accumulation" instead of the exact per-chunk emulation: on a GPU by default (``DSV3_FP8_GEMM=emulate``
-    forces the emulation, ``=dequant`` the fast path anywhere).
+    forces the emulation, ``=dequant`` the fast path anywhere, ``=pallas`` the FP8 kernels: :func:`gemm_mode`).
 
     Same quantisation error as the recipe (the dominant one); the sum runs in FP32 over all of K at once
     (at least as accurate as promotion every 128), and a non-power-of-two scale adds one BF16 rounding of each
     dequantised operand (2⁻⁹ relative, next to E4M3's 2⁻⁴). Not faster than BF16: it stands in until a Hopper
     block-scaled FP8 kernel exists, so FP8 runs train at BF16-like speed with FP8 numerics.
     """
-    mode = os.environ.get("DSV3_FP8_GEMM", "auto")
-    if mode not in ("auto", "emulate", "dequant"):
-        raise ValueError(f"DSV3_FP8_GEMM={mode!r}: expected auto, emulate or dequant")
-    return mode == "dequant" or (mode == "auto" and on_gpu())
+    return gemm_mode() == "dequant"
 
 
 def _dequant_operands(a_q, a_scale, b_q, b_scale):
@@ -176,6 +197,8 @@ def chunked_dot(a_q: jax.Array, a_scale: jax.Array, b_q: jax.Array, b_scale: jax
     N = b_q.shape[1]
     Kb = -(-K // BLOCK)
     assert a_scale.shape == (M, Kb) and b_scale.shape == (Kb, N), (a_scale.shape, b_scale.shape, M, K, N)
+    if _pallas_gemm():
+        return block_scaled_matmul(a_q, a_scale, b_q, b_scale, jnp.float32, interpret=not on_gpu())
     if dequant_gemm():
         a, b = _dequant_operands(a_q, a_scale, b_q, b_scale)
         return jnp.dot(a, b, preferred_element_type=jnp.float32)
@@ -214,6 +237,9 @@ def grouped_chunked_dot(a_q: jax.Array, a_scale: jax.Array, b_q: jax.Array, b_sc
     G, _, N = b_q.shape
     Kb = -(-K // BLOCK)
     assert a_scale.shape == (M, Kb) and b_scale.shape == (G, Kb, N), (a_scale.shape, b_scale.shape)
+    if _pallas_gemm():
+        return block_scaled_grouped_matmul(a_q, a_scale, b_q, b_scale, group_sizes, jnp.float32,
+                                           interpret=not on_gpu())
     if dequant_gemm():
         a, b = _dequant_operands(a_q, a_scale, b_q, b_scale)
         y = grouped_matmul(a, b, group_sizes.astype(jnp.int32)).astype(jnp.float32)  # BF16 out, as BF16 runs
@@ -332,6 +358,10 @@ def _fp8_grouped_bwd(spec, res, dy):
     # straddle two experts; DeepGEMM's k-grouped kernel pads groups to 128 instead). Reference math: the
     # dequantised operands, contracted in FP32 — equal to per-chunk promotion up to FP32 rounding.
     dy_col = quantize(dy, COL_TILE, spec.pow2)
+    if _pallas_gemm():  # the k-grouped FP8 kernel: same chunks, promotion per 128 tokens
+        dw = block_scaled_kgrouped_matmul(x_col.q, x_col.scale, dy_col.q, dy_col.scale, group_sizes,
+                                          interpret=not on_gpu())
+        return dx.astype(spec.x_dtype), dw.astype(spec.w_dtype), None
     if dequant_gemm():  # the grouped kernel's own weight-gradient path, on the dequantised BF16 operands
         xd, dyd = dequantize(x_col, COL_TILE, jnp.bfloat16), dequantize(dy_col, COL_TILE, jnp.bfloat16)
         _, pull = jax.vjp(lambda w: grouped_matmul(xd, w, group_sizes.astype(jnp.int32)),

@@ -130,7 +130,6 @@ def test_mesh_errors_and_bubble():
 # ---------------------------------------------------------------------------------------------------------
 
 def _train_cfg(**mesh):
-
     from dsv3_jax.config import Config, DataConfig, TrainConfig
 
     return Config(model=dataclasses.replace(CFG, num_nextn_predict_layers=1), data=DataConfig(seq_len=16),
