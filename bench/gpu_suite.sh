@@ -10,7 +10,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
-python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -12
+python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | grep -E "^(device|op|[A-Za-z])" | tail -60
 python3 bench/train.py --config configs/bench_1gpu.yaml --layers "$LAYERS" --seq "$SEQ" --mb "$MB" --mtp 0 \
   --json "$OUT/train_ours_mtp0.json" 2>&1 | tee "$OUT/train_ours.log" | grep -E "RESULT|Error|error" | tail -5
 [ -n "${SKIP_PEER:-}" ] || python3 .peers/hf_peer_train.py "$LAYERS" "$SEQ" "$MB" 2>&1 | tee "$OUT/train_hf.log" | grep -E "RESULT|Error" | tail -3

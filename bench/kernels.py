@@ -1,7 +1,8 @@
 """Kernel benchmarks at the bench config's shapes: grouped GEMM (experts), MLA attention, FP8 GEMM, dense GEMM,
-and the block-scaled FP8 Pallas kernels (dsv3_jax/kernels/fp8_gemm.py) against BF16 at the same shapes.
+and the block-scaled FP8 Pallas kernels (dsv3_jax/kernels/fp8_gemm.py) against BF16 at the same shapes, and MLA
+decode attention over the latent cache (XLA einsums vs the Pallas/Triton flash-decoding kernel).
 
-    python bench/kernels.py [--json OUT.json] [--quick] [--only fp8]
+    python bench/kernels.py [--json OUT.json] [--quick] [--only fp8] [--only mla_decode]
 
 Prints a table (TFLOP/s of useful work, median of --iters runs after a warm-up) and, with --json, writes the
 numbers. On CPU it runs tiny shapes only to check that the script works (--quick is implied; the FP8 Pallas
@@ -32,7 +33,9 @@ from dsv3_jax.kernels import (
     causal_attention,
     grouped_matmul,
 )
+from dsv3_jax.attention import causal_mask, latent_attention
 from dsv3_jax.kernels._backend import IMPORT_ERRORS, on_gpu, tokamax
+from dsv3_jax.kernels.mla_decode import latent_decode_attention
 
 
 def bench(fn, *args, iters: int = 20) -> float:
@@ -229,8 +232,58 @@ def fp8_block_scaled_rows(quick: bool, iters: int) -> list[dict]:
     return rows
 
 
+def mla_decode_rows(quick: bool, iters: int) -> list[dict]:
+    """One decode step's attention over a full latent cache (T = 1, every slot visible) at the bench config's
+    head shapes (H 16, kv_lora 512, rope 64; bf16): the absorbed path's XLA einsums (scores, f32 softmax,
+    values) vs :func:`latent_decode_attention` at a few block sizes. Memory-bound: GB/s counts the cache bytes
+    read once; ``err`` is the kernel's largest difference from the XLA result."""
+    H, C, R = (16, 512, 64) if not quick else (4, 32, 16)
+    shapes = [(B, S) for S in (1024, 4096) for B in (1, 32, 64)] if not quick else [(2, 40)]
+    dtype = jnp.bfloat16 if not quick else jnp.float32  # XLA:CPU lacks some bf16 → f32 dots
+    variants = ({"pallas bs64": {"block_s": 64}, "pallas bs32": {"block_s": 32},
+                 "pallas bs128 1stage": {"block_s": 128, "num_stages": 1},
+                 "pallas bs64 no-split": {"block_s": 64, "num_splits": 1}} if not quick
+                else {"pallas bs16": {"block_s": 16}})
+    interpret = not on_gpu()
+    scale = (128 + 64) ** -0.5
+    rows = []
+    for B, S in shapes:
+        key = jax.random.split(jax.random.key(3), 4)
+        q_lat = jax.random.normal(key[0], (B, 1, H, C), dtype)
+        q_rope = jax.random.normal(key[1], (B, 1, H, R), dtype)
+        c_kv = jax.random.normal(key[2], (B, S, C), dtype)
+        k_rope = jax.random.normal(key[3], (B, S, R), dtype)
+        pos = jnp.full((B, 1), S - 1, jnp.int32)
+        shape = f"B{B} S{S} H{H} c{C} r{R}"
+        flops = 2 * B * H * S * (2 * C + R)
+        gb = B * S * (C + R) * jnp.dtype(dtype).itemsize / 1e9
+
+        def xla(ql, qr, c, kr, pos):
+            slots = jnp.broadcast_to(jnp.arange(c.shape[1]), c.shape[:2])
+            return latent_attention(ql, qr, c, kr, causal_mask(pos, slots), scale, ql.dtype)
+
+        fns = {"xla": jax.jit(xla)}
+        for name, v in variants.items():
+            fns[name] = jax.jit(lambda ql, qr, c, kr, pos, v=v: latent_decode_attention(
+                ql, qr, c, kr, pos, scale, interpret=interpret, **v))
+        want = None
+        for impl, fn in fns.items():
+            try:
+                out = fn(q_lat, q_rope, c_kv, k_rope, pos)
+                if want is None:
+                    want = out.astype(jnp.float32)
+                err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - want)))
+                t = bench(fn, q_lat, q_rope, c_kv, k_rope, pos, iters=iters)
+                rows.append({"op": "MLA decode attention (latent)", "shape": shape, "impl": impl, "ms": t * 1e3,
+                             "tflops": flops / t / 1e12, "gbps": gb / t, "err": err})
+            except Exception as e:  # noqa: BLE001 — a Triton lowering failure is reported; the other rows still run
+                rows.append({"op": "MLA decode attention (latent)", "shape": shape, "impl": impl, "ms": float("nan"),
+                             "tflops": float("nan"), "error": f"{type(e).__name__}: {str(e)[:300]}"})
+    return rows
+
+
 SECTIONS = {"dense": dense_rows, "grouped": grouped_gemm_rows, "attention": attention_rows,
-            "fp8": fp8_block_scaled_rows}
+            "fp8": fp8_block_scaled_rows, "mla_decode": mla_decode_rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,15 +298,17 @@ def main(argv: list[str] | None = None) -> int:
     dev = jax.devices()[0]
     print(f"\ndevice: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, tokamax "
           f"{'yes' if tokamax() is not None else 'no ' + '; '.join(IMPORT_ERRORS)}")
-    print(f"{'op':40s} {'impl':8s} {'shape':34s} {'ms':>9s} {'TFLOP/s':>8s}")
+    print(f"{'op':40s} {'impl':20s} {'shape':34s} {'ms':>9s} {'TFLOP/s':>8s}")
     for r in rows:
-        print(f"{r['op']:40s} {r['impl']:8s} {r['shape']:34s} {r['ms']:9.3f} {r['tflops']:8.1f}"
+        print(f"{r['op']:40s} {r['impl']:20s} {r['shape']:34s} {r['ms']:9.3f} {r['tflops']:8.1f}"
               + (f"  rel_err {r['rel_err']:.1e}" if "rel_err" in r else "")
+              + (f"  {r['gbps']:7.1f} GB/s  err {r['err']:.2e}" if "gbps" in r else "")
               + (f"  ERROR {r['error']}" if "error" in r else ""))
     if a.json:
         Path(a.json).write_text(json.dumps({"device": dev.device_kind, "jax": jax.__version__, "rows": rows},
                                            indent=1))
     return 0
+
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 from dsv3_jax import rope
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kernels import causal_attention
+from dsv3_jax.kernels._backend import on_gpu
+from dsv3_jax.kernels.mla_decode import latent_decode_attention
 from dsv3_jax.layers import Linear, RMSNorm, dtype_of, linear_args, logical
 
 
@@ -75,16 +77,35 @@ def naive_attention(q_nope, q_rope, k_nope, k_rope, v, mask, scale, dtype):
     return jnp.einsum("bhts,bshv->bthv", probs, v, preferred_element_type=jnp.float32).astype(dtype)
 
 
-def absorbed_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, mask, scale, dtype):
-    """Attention over the latent cache with kv_b_proj absorbed (REFERENCE §4).
+def latent_attention(q_lat, q_rope, c_kv, k_rope, mask, scale, dtype):
+    """The absorbed path's attention in latent space, as XLA einsums.
 
-    q_nope [B,T,H,n], q_rope [B,T,H,r], c_kv [B,S,c], k_rope [B,S,r], w_uk [c,H,n], w_uv [c,H,v] → [B,T,H,v].
+    q_lat [B,T,H,c] (w_uk absorbed), q_rope [B,T,H,r], c_kv [B,S,c], k_rope [B,S,r], mask [B,T,S] → o_lat [B,T,H,c].
     """
-    q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w_uk.astype(dtype), preferred_element_type=jnp.float32)
     scores = (jnp.einsum("bthc,bsc->bhts", q_lat.astype(dtype), c_kv, preferred_element_type=jnp.float32)
               + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32))
     probs = _softmax(scores * scale, mask).astype(dtype)
-    o_lat = jnp.einsum("bhts,bsc->bthc", probs, c_kv, preferred_element_type=jnp.float32).astype(dtype)
+    return jnp.einsum("bhts,bsc->bthc", probs, c_kv, preferred_element_type=jnp.float32).astype(dtype)
+
+
+def absorbed_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, mask, scale, dtype, positions=None, impl="xla"):
+    """Attention over the latent cache with kv_b_proj absorbed (REFERENCE §4).
+
+    q_nope [B,T,H,n], q_rope [B,T,H,r], c_kv [B,S,c], k_rope [B,S,r], w_uk [c,H,n], w_uv [c,H,v] → [B,T,H,v].
+    ``impl`` (ModelConfig.mla_decode_impl): "xla" runs :func:`latent_attention` with ``mask``; "pallas" the fused
+    flash-decoding kernel (:mod:`dsv3_jax.kernels.mla_decode`; interpret mode off the GPU), which takes the
+    causal-over-slots mask as ``positions`` [B,T] (slot s visible to query t iff s ≤ positions[b, t]).
+    """
+    q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w_uk.astype(dtype), preferred_element_type=jnp.float32)
+    if impl == "xla":
+        o_lat = latent_attention(q_lat, q_rope, c_kv, k_rope, mask, scale, dtype)
+    elif impl == "pallas":
+        if positions is None:
+            raise ValueError("mla_decode_impl='pallas' needs the query positions")
+        o_lat = latent_decode_attention(q_lat.astype(dtype), q_rope.astype(dtype), c_kv, k_rope, positions, scale,
+                                        interpret=not on_gpu())
+    else:
+        raise ValueError(f"mla_decode_impl={impl!r}: expected 'xla' or 'pallas'")
     return jnp.einsum("bthc,chv->bthv", o_lat, w_uv.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
 
 
@@ -170,7 +191,7 @@ class MLA(nn.Module):
                 raise ValueError("the absorbed MLA path attends over a latent cache: pass cache=LatentCache(...)")
             w = kv_b(None, in_shape=(cl,))  # [c, H, n + v]
             out = absorbed_attention(q_nope, q_rope, keys_latent, keys_rope, w[..., :n], w[..., n:],
-                                     mask, scale, dt)
+                                     mask, scale, dt, positions, c.mla_decode_impl)
         elif cache is None:
             # Training / prefill from scratch: causal by index, one fused kernel where available.
             kv = kv_b(keys_latent)  # [B, T, H, n + v]

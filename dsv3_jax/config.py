@@ -89,6 +89,9 @@ class ModelConfig:
     # gather: each token copy reads its experts' weights (decode). auto: gather for ≤32 token copies on a GPU,
     # else ragged.
     moe_impl: Literal["auto", "ragged", "dense", "xla", "tokamax", "gather"] = "auto"
+    # Absorbed (latent-cache) decode attention: xla = the einsums; pallas = the fused flash-decoding Pallas/Triton
+    # kernel (dsv3_jax/kernels/mla_decode.py), in interpret mode off the GPU (slow: for tests).
+    mla_decode_impl: Literal["xla", "pallas"] = "xla"
     # Rematerialisation of each block in the backward pass: none | full | save_dots (keep matmul outputs).
     remat: Literal["none", "full", "save_dots"] = "none"
     # FP8 mixed precision (REFERENCE §8): every linear of the recipe (attention projections, dense MLP, shared
@@ -541,7 +544,7 @@ def model_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """HF ``config.json`` dict for ``cfg`` (loadable by transformers' DeepseekV3ForCausalLM)."""
     out: dict[str, Any] = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
     skip = {"rope_scaling", "yarn_only_when_extended", "dtype", "param_dtype", "attention_impl", "moe_impl",
-            "remat", "fp8", "fp8_pow2_scales", "fp8_weights"}
+            "mla_decode_impl", "remat", "fp8", "fp8_pow2_scales", "fp8_weights"}
     for f in dataclasses.fields(cfg):
         if f.name not in skip:
             out[f.name] = getattr(cfg, f.name)
