@@ -5,12 +5,7 @@
 #   bash bench/gpu_fp8_gap.sh [STEPS]       # results in $OUT
 set -uo pipefail
 STEPS=${1:-300}; TOK=${TOK:-.tok/bpe4096.json}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
-fi
+source bench/gpu_setup.sh
 A="model.num_hidden_layers=4 model.num_nextn_predict_layers=0 data.tokenizer=$TOK data.seq_len=2048
    train.global_batch_size=4 train.steps=$STEPS train.log_every=10 train.eval_every=100 train.checkpoint_every=0
    train.moments_dtype=bfloat16 model.remat=full"

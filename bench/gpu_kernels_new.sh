@@ -4,12 +4,7 @@
 # BF16 / the XLA einsums, then the FP8 step at 6 layers (pallas vs dequant vs BF16) and decode with the kernel.
 #   bash bench/gpu_kernels_new.sh            # results in $OUT; carry .whl
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
-fi
+source bench/gpu_setup.sh
 q() { grep -v -E "Autotuning cache miss|^WARNING:absl" | tee "$OUT/$1.log" | grep -E "RESULT|ERROR|Error|pallas|xla|bf16" | tail -40; }
 timeout 240 python3 bench/kernels.py --only fp8 --only mla_decode --json "$OUT/kernels_new.json" 2>&1 | q kernels_new
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95

@@ -9,12 +9,7 @@
 #     distro jiter idna certifi tqdm typing_extensions annotated-doc opentelemetry-api httpx2 httpcore2 truststore
 set -uo pipefail
 CKPT=${1:-runs/tiny_mtp_params}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
-fi
+source bench/gpu_setup.sh
 TXT=$(python3 -c 'import json.decoder as m; print(m.__file__)')
 C="--checkpoint $CKPT --batches 1,8 --tokens 256 --prompt-len 64 --max-len 384 --prompt-text $TXT"
 q() { grep -v -E "Autotuning cache miss|^WARNING:absl" | tee "$OUT/$1.log" | grep -E "RESULT|MTP|note|Error"; }

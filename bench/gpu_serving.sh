@@ -3,12 +3,7 @@
 # several batch sizes and decode chunks, then (unless SKIP_PEER) HF transformers `generate` on the same GPU.
 #   bash bench/gpu_serving.sh            # results in $OUT (JSON + logs)
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
-fi
+source bench/gpu_setup.sh
 M="model.num_hidden_layers=6 model.num_nextn_predict_layers=0 model.param_dtype=bfloat16"
 S="--config configs/bench_1gpu.yaml --prompt-len 512 --tokens 128"
 run() { local name=$1; shift; timeout "${LIMIT:-200}" python3 bench/serving.py $S --json "$OUT/$name.json" "$@" \

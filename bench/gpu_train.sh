@@ -4,12 +4,8 @@
 #   bash bench/gpu_train.sh [LAYERS]          # results in $OUT
 set -uo pipefail
 LAYERS=${1:-13}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
-fi
+source bench/gpu_setup.sh
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 B="--config configs/bench_1gpu.yaml --seq 4096 --mb 2 --mtp 0 --steps 8"
 R="model.remat=full train.moments_dtype=bfloat16"
 run() { local name=$1; shift; timeout "${LIMIT:-150}" python3 bench/train.py $B --json "$OUT/$name.json" "$@" 2>&1 \
