@@ -13,6 +13,7 @@ kernels run in interpret mode there, one iteration). FP8 rows carry ``rel_err``:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax import fp8
+from dsv3_jax.attention import causal_mask, latent_attention
 from dsv3_jax.kernels import (
     block_scaled_grouped_matmul,
     block_scaled_kgrouped_matmul,
@@ -33,19 +35,21 @@ from dsv3_jax.kernels import (
     causal_attention,
     grouped_matmul,
 )
-from dsv3_jax.attention import causal_mask, latent_attention
 from dsv3_jax.kernels._backend import IMPORT_ERRORS, on_gpu, tokamax
 from dsv3_jax.kernels.mla_decode import latent_decode_attention
 
 
-def bench(fn, *args, iters: int = 20) -> float:
-    """Median seconds of ``fn(*args)`` (jitted by the caller) after one warm-up call."""
+def bench(fn, *args, iters: int = 20, batch: int = 10) -> float:
+    """Seconds per call of ``fn(*args)`` (jitted by the caller): the median over ``iters`` rounds of ``batch``
+    back-to-back calls (one sync per round, so host dispatch overlaps the GPU work) after one warm-up call."""
     jax.block_until_ready(fn(*args))
+    batch = 1 if jax.default_backend() == "cpu" else batch
     times = []
     for _ in range(iters):
         t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
+        out = [fn(*args) for _ in range(batch)]
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t) / batch)
     return statistics.median(times)
 
 
@@ -181,7 +185,7 @@ def fp8_block_scaled_rows(quick: bool, iters: int) -> list[dict]:
             fn = jax.jit(lambda a, sa, b, sb: block_scaled_matmul(a, sa, b, sb, jnp.bfloat16, **kern))
             t = bench(fn, xq.q, xq.scale, wq.q, sw, iters=iters)
             rows.append(_row("FP8 block-scaled GEMM", shape, "pallas", t, flops, rel_err=err))
-        except Exception as e:  # noqa: BLE001 — report, keep going (the Triton lowering is untested on GPU)
+        except Exception as e:
             rows.append(_error_row("FP8 block-scaled GEMM", shape, "pallas", e))
         a, b = fp8.dequantize(xq, fp8.TILE, jnp.bfloat16), fp8.dequantize(wq, fp8.WEIGHT, jnp.bfloat16)
         t = bench(jax.jit(lambda a, b: a @ b), a, b, iters=iters)
@@ -199,7 +203,7 @@ def fp8_block_scaled_rows(quick: bool, iters: int) -> list[dict]:
         fn = jax.jit(lambda a, sa, b, sb, s: block_scaled_grouped_matmul(a, sa, b, sb, s, jnp.bfloat16, **kern))
         t = bench(fn, xq.q, xq.scale, wq.q, sw, sizes, iters=iters)
         rows.append(_row("FP8 block-scaled grouped GEMM", shape, "pallas", t, flops, rel_err=err))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         rows.append(_error_row("FP8 block-scaled grouped GEMM", shape, "pallas", e))
     a, b = fp8.dequantize(xq, fp8.TILE, jnp.bfloat16), fp8.dequantize(wq, fp8.WEIGHT, jnp.bfloat16)
     impl = "tokamax" if tokamax() is not None else "xla"
@@ -212,7 +216,7 @@ def fp8_block_scaled_rows(quick: bool, iters: int) -> list[dict]:
         fn = jax.jit(lambda a, sa, b, sb, s: block_scaled_kgrouped_matmul(a, sa, b, sb, s, **kern))
         t = bench(fn, xc.q, xc.scale, gc.q, gc.scale, sizes, iters=iters)
         rows.append(_row("FP8 block-scaled expert Wgrad", shape, "pallas", t, flops))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         rows.append(_error_row("FP8 block-scaled expert Wgrad", shape, "pallas", e))
 
     n = dense_n[0]
@@ -224,11 +228,123 @@ def fp8_block_scaled_rows(quick: bool, iters: int) -> list[dict]:
         try:
             t = _with_gemm_mode(mode, lambda fb=fb: bench(fb, x, w, iters=iters))  # traced under the mode
             rows.append(_row("fp8_matmul fwd+bwd (incl. quantise)", shape, mode, t, flops))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             rows.append(_error_row("fp8_matmul fwd+bwd (incl. quantise)", shape, mode, e))
     fb = jax.jit(jax.grad(lambda x, w: (x @ w.astype(jnp.bfloat16)).astype(jnp.float32).sum(), argnums=(0, 1)))
     t = bench(fb, x, w, iters=iters)
     rows.append(_row("matmul bf16 fwd+bwd", shape, "xla", t, flops))
+    return rows
+
+
+def fp8_sweep_rows(quick: bool, iters: int) -> list[dict]:
+    """Tile configurations of the dense block-scaled FP8 kernel at [8192, 2048]·[2048, 2048] (o_proj), B as
+    [K, N] and K-major [N, K] (``b_nk``), against BF16: which one to make the default."""
+    interpret = not on_gpu()
+    iters = 1 if interpret else iters
+    T, d, n = (8192, 2048, 2048) if not quick else (256, 256, 256)
+    keys = iter(jax.random.split(jax.random.key(5), 4))
+    xq = fp8.quantize(jax.random.normal(next(keys), (T, d), jnp.float32), fp8.TILE)
+    wq = fp8.quantize(jax.random.normal(next(keys), (d, n), jnp.float32) * 0.02, fp8.WEIGHT)
+    sw = fp8._cols(wq.scale, n)
+    ref = _with_gemm_mode("emulate", fp8.chunked_dot, xq.q, xq.scale, wq.q, sw)
+    wt = jnp.asarray(wq.q.T)  # [N, K] materialised, outside the timing
+    shape, flops = f"[{T},{d}]x[{d},{n}]", 2 * T * d * n
+    configs = [(128, 128, 8, 3), (128, 128, 4, 3), (128, 128, 4, 4), (128, 256, 8, 3), (128, 256, 8, 4),
+               (256, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 8, 3)]
+    if quick:
+        configs = configs[:2]
+    rows = []
+    for b_nk in (False, True):
+        for bm, bn, w, st in configs:
+            impl = f"pallas {bm}x{bn} w{w} s{st}" + (" B[N,K]" if b_nk else "")
+            kw = {"interpret": interpret, "block_m": bm, "block_n": bn, "num_warps": w, "num_stages": st, "b_nk": b_nk}
+            b = wt if b_nk else wq.q
+            try:
+                err = _rel_err(block_scaled_matmul(xq.q, xq.scale, b, sw, jnp.float32, **kw), ref)
+                fn = jax.jit(lambda a, sa, b, sb, kw=kw: block_scaled_matmul(a, sa, b, sb, jnp.bfloat16, **kw))
+                t = bench(fn, xq.q, xq.scale, b, sw, iters=iters)
+                rows.append(_row("FP8 block-scaled GEMM (sweep)", shape, impl, t, flops, rel_err=err))
+            except Exception as e:
+                rows.append(_error_row("FP8 block-scaled GEMM (sweep)", shape, impl, e))
+    a, b = fp8.dequantize(xq, fp8.TILE, jnp.bfloat16), fp8.dequantize(wq, fp8.WEIGHT, jnp.bfloat16)
+    t = bench(jax.jit(lambda a, b: a @ b), a, b, iters=iters)
+    rows.append(_row("GEMM bf16 (same shape)", shape, "xla", t, flops))
+    return rows
+
+
+def fp8_mgpu_rows(quick: bool, iters: int) -> list[dict]:
+    """The Mosaic-GPU (WGMMA) block-scaled FP8 GEMMs against BF16 at the bench shapes: dense (o_proj, dense-MLP
+    up, a wide-K one) in its variants, the routed experts' grouped GEMM with 128-aligned groups, and their
+    k-grouped Wgrad, each next to the BF16 kernel the model runs there (XLA dot, tokamax ragged dot)."""
+    from dsv3_jax.kernels import fp8_gemm_mgpu as mg
+
+    interpret = not on_gpu()
+    iters = 1 if interpret else iters
+    shapes = [(8192, 2048, 2048), (8192, 2048, 10944), (8192, 7168, 2048)] if not quick else [(256, 256, 256)]
+    keys = iter(jax.random.split(jax.random.key(6), 2 * len(shapes) + 8))
+    rows = []
+
+    def timed(op, shape, impl, flops, fn, args, ref=None):
+        try:
+            err = {} if ref is None else {"rel_err": _rel_err(fn(*args).astype(jnp.float32), ref)}
+            rows.append(_row(op, shape, impl, bench(jax.jit(fn), *args, iters=iters), flops, **err))
+        except Exception as e:
+            import traceback
+            traceback.print_exc()
+            rows.append(_error_row(op, shape, impl, e))
+
+    for M, K, N in shapes:
+        shape, flops = f"[{M},{K}]x[{K},{N}]", 2 * M * K * N
+        xq = fp8.quantize(jax.random.normal(next(keys), (M, K), jnp.float32), fp8.TILE)
+        wq = fp8.quantize(jax.random.normal(next(keys), (K, N), jnp.float32) * 0.02, fp8.WEIGHT)
+        sw = fp8._cols(wq.scale, N)
+        bt = jnp.asarray(wq.q.T)
+        ref = _with_gemm_mode("emulate", fp8.chunked_dot, xq.q, xq.scale, wq.q, sw)
+        variants = [(False, False, 4), (True, False, 4), (True, True, 4), (True, False, 3)]
+        for b_block, overlap, steps in (variants if not quick else variants[-1:]):
+            impl = f"mgpu s{steps}" + (" bblock" if b_block else "") + (" overlap" if overlap else "")
+            kw = {"max_concurrent_steps": steps, "b_block": b_block, "overlap": overlap, "interpret": interpret}
+            timed("FP8 block-scaled GEMM", shape, impl, flops,
+                  functools.partial(mg.block_scaled_matmul_nk, out_dtype=jnp.bfloat16, **kw),
+                  (xq.q, xq.scale, bt, sw), ref)
+        a, b = fp8.dequantize(xq, fp8.TILE, jnp.bfloat16), fp8.dequantize(wq, fp8.WEIGHT, jnp.bfloat16)
+        timed("GEMM bf16 (same shape)", shape, "xla", flops, lambda a, b: a @ b, (a, b))
+
+    # Routed experts, balanced and 128-aligned: [T·k, d]·[E, d, f] and the Wgrad [T·k, d]ᵀ·[T·k, f] per expert.
+    T, d, f, E, k = (8192, 2048, 1024, 64, 6) if not quick else (256, 256, 128, 4, 2)
+    M = T * k
+    sizes = jnp.full((E,), M // E, jnp.int32)
+    xq, wq = fp8.quantize(jax.random.normal(next(keys), (M, d)), fp8.TILE), fp8.quantize(
+        jax.random.normal(next(keys), (E, d, f)) * 0.02, fp8.WEIGHT)
+    sw = fp8._cols(wq.scale, f)
+    shape, flops = f"[{M},{d}]x[{E},{d},{f}]", 2 * M * d * f
+    ref = _with_gemm_mode("emulate", fp8.grouped_chunked_dot, xq.q, xq.scale, wq.q, sw, sizes)
+    for steps in (4, 3):
+        timed("FP8 grouped GEMM (128-aligned groups)", shape, f"mgpu s{steps} bblock", flops,
+              functools.partial(mg.block_scaled_grouped_matmul_nk, out_dtype=jnp.bfloat16, b_block=True,
+                                max_concurrent_steps=steps, interpret=interpret),
+              (xq.q, xq.scale, jnp.asarray(wq.q.transpose(0, 2, 1)), sw, sizes), ref)
+    a, b = fp8.dequantize(xq, fp8.TILE, jnp.bfloat16), fp8.dequantize(wq, fp8.WEIGHT, jnp.bfloat16)
+    impl = "tokamax" if tokamax() is not None else "xla"
+    timed("grouped GEMM bf16 (same shape)", shape, impl, flops, lambda a, b, s: grouped_matmul(a, b, s, impl),
+          (a, b, sizes))
+
+    xc = fp8.quantize(jax.random.normal(next(keys), (M, d)), fp8.COL_TILE)
+    gc = fp8.quantize(jax.random.normal(next(keys), (M, f)), fp8.COL_TILE)
+    shape = f"[{M},{d}]T.[{M},{f}] /{E}"
+    dn = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
+                                           lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+    ref = jax.lax.ragged_dot_general(fp8.dequantize(xc, fp8.COL_TILE), fp8.dequantize(gc, fp8.COL_TILE), sizes, dn,
+                                     precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    timed("FP8 expert Wgrad (k-grouped, aligned)", shape, "mgpu s4", flops,
+          functools.partial(mg.block_scaled_kgrouped_matmul_nk, interpret=interpret),
+          (jnp.asarray(xc.q.T), xc.scale.T, jnp.asarray(gc.q.T), gc.scale, sizes), ref)
+    xd, gd = fp8.dequantize(xc, fp8.COL_TILE, jnp.bfloat16), fp8.dequantize(gc, fp8.COL_TILE, jnp.bfloat16)
+
+    def wgrad_bf16(x, g, s):
+        return jax.vjp(lambda w: grouped_matmul(x, w, s, impl), jnp.zeros((E, d, f), jnp.bfloat16))[1](g)[0]
+
+    timed("expert Wgrad bf16 (same shape)", shape, impl, flops, wgrad_bf16, (xd, gd, sizes))
     return rows
 
 
@@ -276,14 +392,14 @@ def mla_decode_rows(quick: bool, iters: int) -> list[dict]:
                 t = bench(fn, q_lat, q_rope, c_kv, k_rope, pos, iters=iters)
                 rows.append({"op": "MLA decode attention (latent)", "shape": shape, "impl": impl, "ms": t * 1e3,
                              "tflops": flops / t / 1e12, "gbps": gb / t, "err": err})
-            except Exception as e:  # noqa: BLE001 — a Triton lowering failure is reported; the other rows still run
+            except Exception as e:
                 rows.append({"op": "MLA decode attention (latent)", "shape": shape, "impl": impl, "ms": float("nan"),
                              "tflops": float("nan"), "error": f"{type(e).__name__}: {str(e)[:300]}"})
     return rows
 
 
 SECTIONS = {"dense": dense_rows, "grouped": grouped_gemm_rows, "attention": attention_rows,
-            "fp8": fp8_block_scaled_rows, "mla_decode": mla_decode_rows}
+            "fp8": fp8_block_scaled_rows, "fp8_sweep": fp8_sweep_rows, "fp8_mgpu": fp8_mgpu_rows, "mla_decode": mla_decode_rows}
 
 
 def main(argv: list[str] | None = None) -> int:

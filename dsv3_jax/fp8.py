@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from dsv3_jax.kernels import fp8_gemm_mgpu as mgpu
 from dsv3_jax.kernels import grouped_matmul
 from dsv3_jax.kernels._backend import on_gpu
 from dsv3_jax.kernels.fp8_gemm import block_scaled_grouped_matmul, block_scaled_kgrouped_matmul, block_scaled_matmul
@@ -143,22 +144,35 @@ def dequantize(x: Quantized, block: tuple[int, int] = TILE, dtype: jnp.dtype = j
     return (x.q.astype(jnp.float32) * s).astype(dtype)
 
 
-GEMM_MODES = ("auto", "emulate", "dequant", "pallas")
+GEMM_MODES = ("auto", "emulate", "dequant", "pallas", "mgpu")
 
 
 def gemm_mode() -> str:
     """How the FP8 GEMMs run, from ``DSV3_FP8_GEMM`` (read at every call, nothing cached; default ``auto``):
 
     ``emulate`` the exact per-chunk reference (XLA); ``dequant`` see :func:`dequant_gemm`; ``pallas`` the
-    block-scaled Pallas/Triton kernels of :mod:`dsv3_jax.kernels.fp8_gemm` (same math as ``emulate``; in
-    interpret mode off-GPU, for the tests); ``auto`` is ``dequant`` on a GPU, ``emulate`` elsewhere.
+    block-scaled Pallas/Triton kernels of :mod:`dsv3_jax.kernels.fp8_gemm`; ``mgpu`` the Hopper WGMMA kernels
+    of :mod:`dsv3_jax.kernels.fp8_gemm_mgpu` (the fast path: FP8 tensor cores, TMA; expert GEMMs need the
+    128-aligned groups :func:`dsv3_jax.moe.dispatch_ragged` builds in this mode, other grouped calls fall back
+    to ``dequant``). ``pallas`` and ``mgpu`` have the math of ``emulate`` and run in interpret mode off-GPU (for
+    the tests). ``auto`` is ``mgpu`` on a Hopper GPU, ``dequant`` on other GPUs, ``emulate`` elsewhere.
     """
     mode = os.environ.get("DSV3_FP8_GEMM", "auto")
     if mode not in GEMM_MODES:
         raise ValueError(f"DSV3_FP8_GEMM={mode!r}: expected one of {', '.join(GEMM_MODES)}")
     if mode == "auto":
-        return "dequant" if on_gpu() else "emulate"
+        return ("mgpu" if _hopper() else "dequant") if on_gpu() else "emulate"
     return mode
+
+
+@functools.cache
+def _hopper() -> bool:
+    return getattr(jax.devices()[0], "compute_capability", "") == "9.0"
+
+
+def aligned_groups() -> bool:
+    """Whether MoE dispatch should pad each expert's rows to a multiple of 128 for the FP8 GEMMs (``mgpu``)."""
+    return gemm_mode() == "mgpu"
 
 
 def _pallas_gemm() -> bool:
@@ -167,13 +181,11 @@ def _pallas_gemm() -> bool:
 
 def dequant_gemm() -> bool:
     """Whether the FP8 GEMMs run as "dequantise the FP8 tiles to BF16, one BF16 tensor-core GEMM with FP32
-    accumulation" instead of the exact per-chunk emulation: on a GPU by default (``DSV3_FP8_GEMM=emulate``
-    forces the emulation, ``=dequant`` the fast path anywhere, ``=pallas`` the FP8 kernels: :func:`gemm_mode`).
+    accumulation" (``DSV3_FP8_GEMM=dequant``; the default on non-Hopper GPUs, see :func:`gemm_mode`).
 
     Same quantisation error as the recipe (the dominant one); the sum runs in FP32 over all of K at once
     (at least as accurate as promotion every 128), and a non-power-of-two scale adds one BF16 rounding of each
-    dequantised operand (2⁻⁹ relative, next to E4M3's 2⁻⁴). Not faster than BF16: it stands in until a Hopper
-    block-scaled FP8 kernel exists, so FP8 runs train at BF16-like speed with FP8 numerics.
+    dequantised operand (2⁻⁹ relative, next to E4M3's 2⁻⁴). BF16 GEMM speed plus the quantisation passes.
     """
     return gemm_mode() == "dequant"
 
@@ -186,17 +198,30 @@ def _dequant_operands(a_q, a_scale, b_q, b_scale):
     return a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
 
 
-def chunked_dot(a_q: jax.Array, a_scale: jax.Array, b_q: jax.Array, b_scale: jax.Array) -> jax.Array:
+def chunked_dot(a_q: jax.Array, a_scale: jax.Array, b_q: jax.Array, b_scale: jax.Array,
+                b_block: bool = False, out_dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """FP8 GEMM with FP32 promotion every 128 of K (the DeepGEMM math). → float32 [M, N].
 
     a_q [M, K] with a_scale [M, ceil(K/128)] (one per row per K chunk); b_q [K, N] with b_scale
     [ceil(K/128), N] (one per K chunk per column). ``y = Σ_c (a_q[:, c] · b_q[c, :]) · a_scale[:, c] ⊗ b_scale[c]``,
     summed chunk after chunk in FP32. Fprop, Dgrad and Wgrad are all this shape (see :func:`fp8_matmul`).
+    ``b_block``: b_scale is constant over 128-column blocks (a weight's 128×128 blocks; a kernel hint).
+    ``out_dtype``: what the FP32 result is rounded to (the ``mgpu`` kernel writes it directly).
     """
     M, K = a_q.shape
     N = b_q.shape[1]
     Kb = -(-K // BLOCK)
     assert a_scale.shape == (M, Kb) and b_scale.shape == (Kb, N), (a_scale.shape, b_scale.shape, M, K, N)
+    if gemm_mode() == "mgpu":  # B K-major: b_q.T (a transpose XLA folds into the producer, or cancels)
+        return mgpu.block_scaled_matmul_nk(a_q, a_scale, b_q.T, b_scale, out_dtype, b_block=b_block,
+                                           interpret=not on_gpu())
+    return _chunked_dot_f32(a_q, a_scale, b_q, b_scale).astype(out_dtype)
+
+
+def _chunked_dot_f32(a_q: jax.Array, a_scale: jax.Array, b_q: jax.Array, b_scale: jax.Array) -> jax.Array:
+    M, K = a_q.shape
+    N = b_q.shape[1]
+    Kb = -(-K // BLOCK)
     if _pallas_gemm():
         return block_scaled_matmul(a_q, a_scale, b_q, b_scale, jnp.float32, interpret=not on_gpu())
     if dequant_gemm():
@@ -227,20 +252,33 @@ def group_ids(group_sizes: jax.Array, rows: int) -> jax.Array:
 
 
 def grouped_chunked_dot(a_q: jax.Array, a_scale: jax.Array, b_q: jax.Array, b_scale: jax.Array,
-                        group_sizes: jax.Array) -> jax.Array:
+                        group_sizes: jax.Array, aligned: bool = False, out_dtype: jnp.dtype = jnp.float32
+                        ) -> jax.Array:
     """:func:`chunked_dot` with one right operand per contiguous row group (MoE experts). → float32 [M, N].
 
-    a_q [M, K], a_scale [M, ceil(K/128)]; b_q [G, K, N], b_scale [G, ceil(K/128), N]; group_sizes [G].
-    Rows past ``sum(group_sizes)`` come out zero.
+    a_q [M, K], a_scale [M, ceil(K/128)]; b_q [G, K, N], b_scale [G, ceil(K/128), N] (128×128 weight blocks
+    expanded to columns); group_sizes [G]. Rows past ``sum(group_sizes)`` come out zero. ``aligned``: every
+    group size and M are multiples of 128 and rows past the sum are zero (the ``mgpu`` kernel's layout).
     """
     M, K = a_q.shape
     G, _, N = b_q.shape
     Kb = -(-K // BLOCK)
     assert a_scale.shape == (M, Kb) and b_scale.shape == (G, Kb, N), (a_scale.shape, b_scale.shape)
-    if _pallas_gemm():
+    mode = gemm_mode()
+    if mode == "mgpu" and aligned:
+        return mgpu.block_scaled_grouped_matmul_nk(a_q, a_scale, b_q.transpose(0, 2, 1), b_scale, group_sizes,
+                                                   out_dtype, b_block=True, interpret=not on_gpu())
+    return _grouped_chunked_dot_f32(a_q, a_scale, b_q, b_scale, group_sizes, mode).astype(out_dtype)
+
+
+def _grouped_chunked_dot_f32(a_q, a_scale, b_q, b_scale, group_sizes, mode):
+    M, K = a_q.shape
+    G, _, N = b_q.shape
+    Kb = -(-K // BLOCK)
+    if mode == "pallas":
         return block_scaled_grouped_matmul(a_q, a_scale, b_q, b_scale, group_sizes, jnp.float32,
                                            interpret=not on_gpu())
-    if dequant_gemm():
+    if mode in ("dequant", "mgpu"):  # mgpu without aligned groups: dequant
         a, b = _dequant_operands(a_q, a_scale, b_q, b_scale)
         y = grouped_matmul(a, b, group_sizes.astype(jnp.int32)).astype(jnp.float32)  # BF16 out, as BF16 runs
         return jnp.where((jnp.arange(M) < jnp.sum(group_sizes))[:, None], y, 0.0)
@@ -271,6 +309,7 @@ class _Spec(NamedTuple):
     out_dtype: jnp.dtype
     x_dtype: jnp.dtype
     w_dtype: jnp.dtype
+    aligned: bool = False  # grouped: 128-aligned groups (see grouped_chunked_dot)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -281,10 +320,10 @@ def _fp8_matmul(x: jax.Array, w: jax.Array, spec: _Spec) -> jax.Array:
 def _fp8_matmul_fwd(x, w, spec):
     N = w.shape[1]
     xq, wq = quantize(x, TILE, spec.pow2), quantize(w, WEIGHT, spec.pow2)
-    y = chunked_dot(xq.q, xq.scale, wq.q, _cols(wq.scale, N))  # Fprop contracts K: x tiles along K
+    y = chunked_dot(xq.q, xq.scale, wq.q, _cols(wq.scale, N), True, spec.out_dtype)  # Fprop: x tiles along K
     # Wgrad is the only backward use of x, and it contracts tokens: cache x quantised along tokens, in FP8,
     # instead of x itself (REFERENCE §8: activations saved for backward in FP8).
-    return y.astype(spec.out_dtype), (quantize(x, COL_TILE, spec.pow2), wq)
+    return y, (quantize(x, COL_TILE, spec.pow2), wq)
 
 
 def _fp8_matmul_bwd(spec, res, dy):
@@ -292,11 +331,11 @@ def _fp8_matmul_bwd(spec, res, dy):
     K = wq.q.shape[0]
     # Dgrad dx [M, K] = dy [M, N] · Wᵀ: contracts N → dy in 1×128 tiles along N; W's 128×128 blocks, transposed.
     dy_row = quantize(dy, TILE, spec.pow2)
-    dx = chunked_dot(dy_row.q, dy_row.scale, wq.q.T, _cols(wq.scale.T, K))
+    dx = chunked_dot(dy_row.q, dy_row.scale, wq.q.T, _cols(wq.scale.T, K), True, spec.x_dtype)
     # Wgrad dW [K, N] = xᵀ · dy: contracts tokens M → both operands in tiles of 128 tokens (per channel).
     dy_col = quantize(dy, COL_TILE, spec.pow2)
-    dw = chunked_dot(x_col.q.T, x_col.scale.T, dy_col.q, dy_col.scale)
-    return dx.astype(spec.x_dtype), dw.astype(spec.w_dtype)
+    dw = chunked_dot(x_col.q.T, x_col.scale.T, dy_col.q, dy_col.scale, out_dtype=spec.w_dtype)
+    return dx, dw
 
 
 _fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
@@ -330,7 +369,7 @@ def fp8_dot(x: jax.Array, w: jax.Array | Quantized, in_dims: int = 1, pow2: bool
     x2, K, N = _flatten(x, w.shape, in_dims)
     if isinstance(w, Quantized):
         xq = quantize(x2, TILE, pow2)
-        y = chunked_dot(xq.q, xq.scale, w.q.reshape(K, N), _cols(w.scale, N)).astype(out_dtype or x.dtype)
+        y = chunked_dot(xq.q, xq.scale, w.q.reshape(K, N), _cols(w.scale, N), True, out_dtype or x.dtype)
     else:
         y = fp8_matmul(x2, w.reshape(K, N), pow2, out_dtype)
     return y.reshape(*lead, *out_shape)
@@ -344,8 +383,8 @@ def _fp8_grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, spec: _Spec
 def _fp8_grouped_fwd(x, w, group_sizes, spec):
     N = w.shape[2]
     xq, wq = quantize(x, TILE, spec.pow2), quantize(w, WEIGHT, spec.pow2)  # blocks per expert
-    y = grouped_chunked_dot(xq.q, xq.scale, wq.q, _cols(wq.scale, N), group_sizes)
-    return y.astype(spec.out_dtype), (quantize(x, COL_TILE, spec.pow2), wq, group_sizes)
+    y = grouped_chunked_dot(xq.q, xq.scale, wq.q, _cols(wq.scale, N), group_sizes, spec.aligned, spec.out_dtype)
+    return y, (quantize(x, COL_TILE, spec.pow2), wq, group_sizes)
 
 
 def _fp8_grouped_bwd(spec, res, dy):
@@ -353,16 +392,22 @@ def _fp8_grouped_bwd(spec, res, dy):
     K = wq.q.shape[1]
     dy_row = quantize(dy, TILE, spec.pow2)
     wt = Quantized(wq.q.transpose(0, 2, 1), wq.scale.transpose(0, 2, 1))  # [G, N, K], blocks [G, Nb, Kb]
-    dx = grouped_chunked_dot(dy_row.q, dy_row.scale, wt.q, _cols(wt.scale, K), group_sizes)
+    dx = grouped_chunked_dot(dy_row.q, dy_row.scale, wt.q, _cols(wt.scale, K), group_sizes, spec.aligned,
+                             spec.x_dtype)
     # Wgrad per expert contracts that expert's tokens. Token tiles are 128 rows of the sorted batch (a tile may
     # straddle two experts; DeepGEMM's k-grouped kernel pads groups to 128 instead). Reference math: the
     # dequantised operands, contracted in FP32 — equal to per-chunk promotion up to FP32 rounding.
     dy_col = quantize(dy, COL_TILE, spec.pow2)
-    if _pallas_gemm():  # the k-grouped FP8 kernel: same chunks, promotion per 128 tokens
+    mode = gemm_mode()
+    if mode == "mgpu" and spec.aligned:  # token tiles never straddle experts: DeepGEMM's k-grouped layout
+        dw = mgpu.block_scaled_kgrouped_matmul_nk(x_col.q.T, x_col.scale.T, dy_col.q.T, dy_col.scale, group_sizes,
+                                                  interpret=not on_gpu())
+        return dx.astype(spec.x_dtype), dw.astype(spec.w_dtype), None
+    if mode == "pallas":  # the k-grouped FP8 kernel: same chunks, promotion per 128 tokens
         dw = block_scaled_kgrouped_matmul(x_col.q, x_col.scale, dy_col.q, dy_col.scale, group_sizes,
                                           interpret=not on_gpu())
         return dx.astype(spec.x_dtype), dw.astype(spec.w_dtype), None
-    if dequant_gemm():  # the grouped kernel's own weight-gradient path, on the dequantised BF16 operands
+    if mode in ("dequant", "mgpu"):  # the grouped kernel's own weight-gradient path, on the dequantised BF16 operands
         xd, dyd = dequantize(x_col, COL_TILE, jnp.bfloat16), dequantize(dy_col, COL_TILE, jnp.bfloat16)
         _, pull = jax.vjp(lambda w: grouped_matmul(xd, w, group_sizes.astype(jnp.int32)),
                           jnp.zeros(wq.q.shape, jnp.bfloat16))
@@ -379,15 +424,17 @@ _fp8_grouped.defvjp(_fp8_grouped_fwd, _fp8_grouped_bwd)
 
 
 def fp8_grouped_matmul(x: jax.Array, w: jax.Array | Quantized, group_sizes: jax.Array, pow2: bool = False,
-                       out_dtype: jnp.dtype | None = None) -> jax.Array:
+                       out_dtype: jnp.dtype | None = None, aligned: bool = False) -> jax.Array:
     """MoE experts in FP8: rows x [M, K] grouped contiguously by ``group_sizes`` [G], w [G, K, N] → [M, N].
 
     Rows per 1×128 tile, each expert's weight per 128×128 block; FP32 promotion every 128 of K. A float ``w``
     is differentiable (Dgrad and Wgrad in FP8 as in :func:`fp8_matmul`); a :class:`Quantized` ``w`` (``q``
-    [G, K, N], ``scale`` [G, Kb, Nb]) is served as stored, forward only.
+    [G, K, N], ``scale`` [G, Kb, Nb]) is served as stored, forward only. ``aligned``: M and every group size are
+    multiples of 128 and rows past the sum are zero (lets ``mgpu`` run its grouped kernels).
     """
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     if isinstance(w, Quantized):
         xq = quantize(x, TILE, pow2)
-        return grouped_chunked_dot(xq.q, xq.scale, w.q, _cols(w.scale, w.q.shape[2]), group_sizes).astype(out_dtype)
-    return _fp8_grouped(x, w, group_sizes, _Spec(pow2, out_dtype, jnp.dtype(x.dtype), jnp.dtype(w.dtype)))
+        return grouped_chunked_dot(xq.q, xq.scale, w.q, _cols(w.scale, w.q.shape[2]), group_sizes, aligned,
+                                   out_dtype)
+    return _fp8_grouped(x, w, group_sizes, _Spec(pow2, out_dtype, jnp.dtype(x.dtype), jnp.dtype(w.dtype), aligned))

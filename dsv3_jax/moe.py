@@ -79,14 +79,15 @@ def sequence_balance(scores: jax.Array, experts: jax.Array, cfg: ModelConfig) ->
 
 
 def expert_matmul(a: jax.Array, w: Weight, sizes: jax.Array, impl: str = "auto",
-                  fp8_pow2: bool | None = None) -> jax.Array:
+                  fp8_pow2: bool | None = None, aligned: bool = False) -> jax.Array:
     """Rows a [M, k] grouped by expert (``sizes`` [E]) × w [E, k, n] → [M, n]: the grouped GEMM of the experts.
 
     ``fp8_pow2`` None: :func:`grouped_matmul` in a's dtype. Else FP8 (REFERENCE §8; power-of-two scales if True).
+    ``aligned``: groups padded to multiples of 128 rows (:func:`aligned_layout`), for the FP8 Hopper kernels.
     """
     if fp8_pow2 is None:
         return grouped_matmul(a, w, sizes, impl)
-    return fp8.fp8_grouped_matmul(a, w, sizes, fp8_pow2)
+    return fp8.fp8_grouped_matmul(a, w, sizes, fp8_pow2, aligned=aligned)
 
 
 @jax.custom_vjp
@@ -108,6 +109,52 @@ def _permute_bwd(res, dy):
 permute_rows.defvjp(_permute_fwd, _permute_bwd)
 
 
+@jax.custom_vjp
+def gather_rows(x: jax.Array, idx: jax.Array, inverse: jax.Array) -> jax.Array:
+    """``x[idx]`` with rows of out-of-range ``idx`` zero, for an injective ``idx`` whose inverse map is
+    ``inverse`` (``x`` row r lands at ``inverse[r]``, out of range if nowhere): the backward pass is the gather
+    ``dy[inverse]`` instead of a scatter-add. Moves rows into and out of :func:`aligned_layout`'s padding."""
+    return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+
+
+def _gather_fwd(x, idx, inverse):
+    return gather_rows(x, idx, inverse), (idx, inverse)
+
+
+def _gather_bwd(res, dy):
+    _, inverse = res
+    return jnp.take(dy, inverse, axis=0, mode="fill", fill_value=0), None, None
+
+
+gather_rows.defvjp(_gather_fwd, _gather_bwd)
+
+
+def aligned_layout(order: jax.Array, inverse: jax.Array, sizes: jax.Array, align: int = fp8.BLOCK
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sorted token copies laid out with every expert's rows padded to a multiple of ``align`` (DeepGEMM's
+    contiguous layout: 128-row tiles and 128-token scale tiles never straddle two experts).
+
+    From :func:`sort_by_expert`'s (order [C], inverse [C], sizes [E]) → (src [P]: the copy in each padded row,
+    C (out of range) for padding; pos [C]: each copy's padded row; padded sizes [E]). P = the static bound
+    ``round_up(C + (align - 1)·E, align)``; rows past the padded sizes' sum are padding too.
+    """
+    C, E = order.shape[0], sizes.shape[0]
+    P = -(-(C + (align - 1) * E) // align) * align
+    sizes = sizes.astype(jnp.int32)
+    psizes = (sizes + align - 1) // align * align
+    pends, ends = jnp.cumsum(psizes), jnp.cumsum(sizes)
+    pstarts, starts = pends - psizes, ends - sizes
+    p = jnp.arange(P, dtype=jnp.int32)
+    g = jnp.minimum(jnp.searchsorted(pends, p, side="right"), E - 1)
+    i = p - pstarts[g]
+    valid = (i < sizes[g]) & (p < pends[-1])
+    src = jnp.where(valid, jnp.take(order, jnp.clip(starts[g] + i, 0, C - 1)), C).astype(jnp.int32)
+    j = inverse.astype(jnp.int32)  # sorted position of each copy
+    gc = jnp.minimum(jnp.searchsorted(ends, j, side="right"), E - 1)
+    pos = (pstarts[gc] + j - starts[gc]).astype(jnp.int32)
+    return src, pos, psizes
+
+
 def sort_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Copies [N, K] → (order: sorted position → copy index, inverse, group sizes [E]) — no scatter."""
     flat = experts.reshape(-1)
@@ -116,22 +163,42 @@ def sort_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax
     return order, jnp.argsort(order), jnp.diff(bounds).astype(jnp.int32)
 
 
+# Token copies per expert from which FP8 dispatch pads experts to 128 rows: the padding (≤ 127 rows per expert,
+# computed as zero tiles) then costs at most a quarter of the rows.
+ALIGN_MIN_ROWS_PER_EXPERT = 4 * 127
+
+
 def dispatch_ragged(x: jax.Array, routing: Routing, w_gate: Weight, w_up: Weight, w_down: Weight,
-                    impl: str = "auto", fp8_pow2: bool | None = None) -> jax.Array:
+                    impl: str = "auto", fp8_pow2: bool | None = None, align: int | None = None) -> jax.Array:
     """Dropless MoE by sorting token copies by expert and grouped matmuls. x [N, d] → [N, d].
 
     Every token reaches all its K experts (no capacity, no dropping): N·K rows, grouped by expert id.
     ``fp8_pow2`` not None: expert GEMMs in FP8 (REFERENCE §8) with power-of-two scales if True.
+    ``align``: pad every expert's rows to a multiple of this (:func:`aligned_layout`); None: 128 when the FP8
+    GEMMs run the Hopper kernels (:func:`dsv3_jax.fp8.aligned_groups`) and there are at least
+    ``ALIGN_MIN_ROWS_PER_EXPERT`` rows per expert (training batches; decode stays unpadded), else 0.
     """
     N, d = x.shape
     E = w_gate.shape[0]
     K = routing.experts.shape[1]
+    if align is None:  # padding costs up to 127 rows per expert: only worth it for batches this size or more
+        align = fp8.BLOCK if (fp8_pow2 is not None and fp8.aligned_groups()
+                              and N * K >= ALIGN_MIN_ROWS_PER_EXPERT * E) else 0
     order, inverse, sizes = sort_by_expert(routing.experts, E)  # row j of the sorted batch is copy order[j]
     copies = jnp.broadcast_to(x[:, None], (N, K, d)).reshape(N * K, d)  # backward: a sum over K
-    xs = permute_rows(copies, order, inverse)  # [N·K, d]
-    h = swiglu(expert_matmul(xs, w_gate, sizes, impl, fp8_pow2), expert_matmul(xs, w_up, sizes, impl, fp8_pow2))
-    ys = expert_matmul(h, w_down, sizes, impl, fp8_pow2)  # [N·K, d]
-    y = permute_rows(ys, inverse, order).reshape(N, K, d)
+    if align:
+        src, pos, sizes = aligned_layout(order, inverse, sizes, align)
+        xs = gather_rows(copies, src, pos)  # [P, d], padding rows zero
+    else:
+        xs = permute_rows(copies, order, inverse)  # [N·K, d]
+    aligned = align > 0 and align % fp8.BLOCK == 0
+
+    def gemm(a, w):
+        return expert_matmul(a, w, sizes, impl, fp8_pow2, aligned)
+
+    h = swiglu(gemm(xs, w_gate), gemm(xs, w_up))
+    ys = gemm(h, w_down)  # [N·K or P, d]
+    y = (gather_rows(ys, pos, src) if align else permute_rows(ys, inverse, order)).reshape(N, K, d)
     return jnp.einsum("nkd,nk->nd", y, routing.weights.astype(x.dtype), preferred_element_type=jnp.float32
                       ).astype(x.dtype)
 

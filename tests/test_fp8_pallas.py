@@ -55,6 +55,13 @@ def test_dense_kernel_equals_chunked_dot(M, K, N):
     _close(got, ref)
 
 
+def test_dense_kernel_k_major_b():
+    """``b_nk``: B given as [N, K] (K-major, the layout FP8 tensor cores read), with M/N edges."""
+    a, sa, b, sb = _operands(70, 384, 200, seed=11)
+    ref = fp8.chunked_dot(a, sa, b, sb)
+    _close(block_scaled_matmul(a, sa, b.T, sb, jnp.float32, interpret=True, b_nk=True), ref)
+
+
 def test_dense_kernel_per_column_scales_small_blocks_bf16_out():
     """Wgrad's operands: 128-token tiles, so b's scales differ per column (not per 128×128 block); blocks smaller
     than 128 (several per scale block) and the default BF16 output."""

@@ -77,14 +77,22 @@ def _chunk_dot(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _dense_kernel(a_ref, as_ref, b_ref, bs_ref, o_ref, *, n_chunks: int, interpret: bool):
-    """One [bm, bn] output tile. a_ref [bm, Kp], as_ref [Kb, bm] (a_scale transposed), b_ref [Kp, bn],
-    bs_ref [Kb, bn], o_ref [bm, bn]."""
+def _dense_kernel(a_ref, as_ref, b_ref, bs_ref, o_ref, *, n_chunks: int, interpret: bool, b_nk: bool):
+    """One [bm, bn] output tile. a_ref [bm, Kp], as_ref [Kb, bm] (a_scale transposed), b_ref [Kp, bn]
+    ([bn, Kp] when ``b_nk``), bs_ref [Kb, bn], o_ref [bm, bn]."""
     bm, bn = o_ref.shape
 
     def step(c, acc):
         ks = pl.ds(pl.multiple_of(c * BLOCK, BLOCK), BLOCK)
-        part = _chunk_dot(a_ref[:, ks], b_ref[ks, :], interpret)
+        if b_nk:  # K-major B, the layout Hopper's FP8 MMA reads from shared memory
+            b = b_ref[:, ks]
+            if interpret:
+                a, b = a_ref[:, ks].astype(jnp.float32), b.astype(jnp.float32)
+            else:
+                a = a_ref[:, ks]
+            part = plgpu.dot(a, b, trans_b=True, precision=lax.Precision.HIGHEST)
+        else:
+            part = _chunk_dot(a_ref[:, ks], b_ref[ks, :], interpret)
         sa, sb = as_ref[c, :], bs_ref[c, :]  # [bm], [bn]
         return acc + part * (sa[:, None] * sb[None, :])  # promote the chunk into the FP32 accumulator
 
@@ -93,32 +101,35 @@ def _dense_kernel(a_ref, as_ref, b_ref, bs_ref, o_ref, *, n_chunks: int, interpr
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "block_m", "block_n", "num_warps",
-                                             "num_stages"))
+                                             "num_stages", "b_nk"))
 def block_scaled_matmul(a_q: jax.Array, a_scale: jax.Array, b_q: jax.Array, b_scale: jax.Array,
                         out_dtype: jnp.dtype = jnp.bfloat16, *, interpret: bool = False, block_m: int = 128,
-                        block_n: int = 128, num_warps: int = 8, num_stages: int = 3) -> jax.Array:
+                        block_n: int = 128, num_warps: int = 8, num_stages: int = 3,
+                        b_nk: bool = False) -> jax.Array:
     """FP8 GEMM with FP32 promotion every 128 of K → ``out_dtype`` [M, N] (= ``fp8.chunked_dot``).
 
     a_q [M, K], a_scale float32 [M, ceil(K/128)]; b_q [K, N], b_scale float32 [ceil(K/128), N]. Grid
     (ceil(M/block_m), ceil(N/block_n)); each program loops over the K chunks. ``block_m`` and ``block_n`` must be
-    powers of two (Triton). ``interpret=True`` runs the kernel with Pallas' interpreter (CPU).
+    powers of two (Triton). ``interpret=True`` runs the kernel with Pallas' interpreter (CPU). ``b_nk``: b_q is
+    given K-major, [N, K] (the layout Hopper's FP8 tensor cores read).
     """
-    _check(a_q, a_scale, b_q, b_scale, grouped=False)
+    _check(a_q, a_scale, b_q.T if b_nk else b_q, b_scale, grouped=False)
     M, K = a_q.shape
-    N = b_q.shape[1]
+    N = b_q.shape[0] if b_nk else b_q.shape[1]
     Kb = _cdiv(K, BLOCK)
     Mp, Np, Kp = _cdiv(M, block_m) * block_m, _cdiv(N, block_n) * block_n, Kb * BLOCK
     a = _pad2(a_q, Mp, Kp)
-    b = _pad2(b_q, Kp, Np)
+    b = _pad2(b_q, Np, Kp) if b_nk else _pad2(b_q, Kp, Np)
     sa = _pad2(a_scale.astype(jnp.float32).T, Kb, Mp)  # [Kb, Mp]: one contiguous row per chunk
     sb = _pad2(b_scale.astype(jnp.float32), Kb, Np)
     out = pl.pallas_call(
-        functools.partial(_dense_kernel, n_chunks=Kb, interpret=interpret),
+        functools.partial(_dense_kernel, n_chunks=Kb, interpret=interpret, b_nk=b_nk),
         out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
         grid=(Mp // block_m, Np // block_n),
         in_specs=[pl.BlockSpec((block_m, Kp), lambda i, j: (i, 0)),
                   pl.BlockSpec((Kb, block_m), lambda i, j: (0, i)),
-                  pl.BlockSpec((Kp, block_n), lambda i, j: (0, j)),
+                  (pl.BlockSpec((block_n, Kp), lambda i, j: (j, 0)) if b_nk
+                   else pl.BlockSpec((Kp, block_n), lambda i, j: (0, j))),
                   pl.BlockSpec((Kb, block_n), lambda i, j: (0, j))],
         out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
         compiler_params=_compiler_params(interpret, num_warps, num_stages),

@@ -1,0 +1,164 @@
+"""The Hopper FP8 GEMMs (dsv3_jax/kernels/fp8_gemm_mgpu.py, Pallas Mosaic GPU) against the exact references of
+fp8.py, in Mosaic-GPU interpret mode on CPU: the dense GEMM (both scale forms, the overlapped promotion, edges,
+a single K step), the grouped expert GEMM and the k-grouped expert Wgrad on 128-aligned groups (with an empty
+group and trailing padding), MoE's aligned layout, and the ``DSV3_FP8_GEMM=mgpu`` training path end to end.
+
+Kernel and reference form the same FP32 partials per 128-K chunk, so they agree to FP32 rounding on CPU (on the
+H100 the FP8 MMA's own accumulator differs by ~1e-4 relative: bench/kernels.py --only fp8_mgpu).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax import fp8, moe
+from dsv3_jax.kernels import fp8_gemm_mgpu as mg
+
+
+@pytest.fixture(autouse=True)
+def _emulate(monkeypatch):
+    """References run the exact emulation whatever the environment says (tests opt in to mgpu themselves)."""
+    monkeypatch.setenv("DSV3_FP8_GEMM", "emulate")
+
+
+def _randn(shape, seed) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def _close(got, ref, atol_rel: float = 1e-6) -> None:
+    ref = np.asarray(ref, np.float32)
+    np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=0, atol=atol_rel * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("M,K,N,b_block,overlap", [(256, 384, 128, True, False), (200, 300, 136, False, True),
+                                                    (128, 100, 256, True, True)])
+def test_dense_kernel_equals_chunked_dot(M, K, N, b_block, overlap):
+    """Per-block and per-column B scales, plain and overlapped promotion; M, N, K edges zero-padded (K = 100 is a
+    single pipeline step, fewer than the pipeline's slots)."""
+    xq = fp8.quantize(_randn((M, K), 1), fp8.TILE)
+    wq = fp8.quantize(_randn((K, N), 2) * 0.05, fp8.WEIGHT)
+    sw = fp8._cols(wq.scale, N)
+    if not b_block:  # per-column scales that really differ within a 128-column block
+        sw = sw * (1 + jnp.arange(N, dtype=jnp.float32) / N)[None, :]
+    ref = fp8.chunked_dot(xq.q, xq.scale, wq.q, sw)
+    got = mg.block_scaled_matmul_nk(xq.q, xq.scale, wq.q.T, sw, jnp.float32, b_block=b_block, overlap=overlap,
+                                    interpret=True)
+    assert got.shape == (M, N) and got.dtype == jnp.float32
+    _close(got, ref)
+
+
+def _aligned_rows(sizes, rows: int, K: int, seed: int) -> jax.Array:
+    """[rows, K] random rows for the groups, zero past their sum (the padding an aligned layout leaves)."""
+    used = int(np.sum(sizes))
+    return _randn((rows, K), seed).at[used:].set(0)
+
+
+def test_grouped_kernel_on_aligned_groups():
+    sizes = jnp.array([128, 0, 256, 128], jnp.int32)  # an empty expert; 128 zero rows past the groups
+    G, M, K, N = 4, 640, 256, 256
+    xq = fp8.quantize(_aligned_rows(sizes, M, K, 3), fp8.TILE)
+    wq = fp8.quantize(_randn((G, K, N), 4) * 0.05, fp8.WEIGHT)
+    sw = fp8._cols(wq.scale, N)
+    ref = fp8.grouped_chunked_dot(xq.q, xq.scale, wq.q, sw, sizes)
+    got = mg.block_scaled_grouped_matmul_nk(xq.q, xq.scale, wq.q.transpose(0, 2, 1), sw, sizes, jnp.float32,
+                                            b_block=True, interpret=True)
+    _close(got, ref)
+    assert not np.any(np.asarray(got[512:]))
+
+
+def test_kgrouped_wgrad_on_aligned_groups():
+    """Per expert xᵀ·dy over its own 128-token tiles; the empty expert's gradient is zero (never written)."""
+    sizes = jnp.array([256, 0, 128], jnp.int32)
+    T, K, N = 512, 256, 128
+    xc = fp8.quantize(_aligned_rows(sizes, T, K, 5), fp8.COL_TILE)
+    dc = fp8.quantize(_aligned_rows(sizes, T, N, 6), fp8.COL_TILE)
+    dn = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
+                                           lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+    ref = jax.lax.ragged_dot_general(fp8.dequantize(xc, fp8.COL_TILE), fp8.dequantize(dc, fp8.COL_TILE), sizes,
+                                     dn, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    got = mg.block_scaled_kgrouped_matmul_nk(xc.q.T, xc.scale.T, dc.q.T, dc.scale, sizes, interpret=True)
+    assert got.shape == (3, K, N)
+    _close(got, ref)
+    assert not np.any(np.asarray(got[1]))
+
+
+def test_aligned_layout_round_trips_and_never_straddles():
+    rng = np.random.default_rng(7)
+    E, C = 5, 300
+    experts = jnp.asarray(rng.integers(0, E - 1, size=(C // 3, 3)), jnp.int32)  # expert E-1 gets no row
+    order, inverse, sizes = moe.sort_by_expert(experts, E)
+    src, pos, psizes = moe.aligned_layout(order, inverse, sizes)
+    P = src.shape[0]
+    assert P % 128 == 0 and P >= int(psizes.sum()) and np.all(np.asarray(psizes) % 128 == 0)
+    assert np.all(np.asarray(psizes) >= np.asarray(sizes)) and int(psizes[-1]) == 0
+    rows = jnp.arange(C, dtype=jnp.float32)[:, None] + 1
+    padded = moe.gather_rows(rows, src, pos)
+    np.testing.assert_array_equal(moe.gather_rows(padded, pos, src), rows)  # every copy comes back
+    assert int((padded > 0).sum()) == C  # and sits in exactly one padded row
+    # the copies in each padded group are that expert's copies, in the sorted order
+    flat, bounds = experts.reshape(-1), np.concatenate([[0], np.cumsum(psizes)])
+    for e in range(E):
+        got = np.asarray(padded[bounds[e]: bounds[e + 1], 0])
+        np.testing.assert_array_equal(np.asarray(flat)[got[got > 0].astype(int) - 1], e)
+
+
+def _moe_case(N=40, d=256, F=128, E=4, K=2):
+    k = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(k[0], (N, d))
+    experts = jax.vmap(lambda kk: jax.random.choice(kk, E, (K,), replace=False))(jax.random.split(k[1], N))
+    r = moe.Routing(experts.astype(jnp.int32), jax.random.uniform(k[2], (N, K)), None)
+    ws = [jax.random.normal(k[3 + i], s) * 0.1 for i, s in enumerate([(E, d, F), (E, d, F), (E, F, d)])]
+    return x, r, ws
+
+
+def _value_and_grads(fn, x, ws):
+    y = jax.jit(fn)(x, ws)
+    g = jax.jit(jax.grad(lambda x, ws: (fn(x, ws) ** 2).sum(), argnums=(0, 1)))(x, ws)
+    return y, jax.tree.leaves(g)
+
+
+def test_aligned_dispatch_equals_unaligned():
+    """Padding experts to 128 rows changes nothing in high precision (padding rows are zero both ways)."""
+    x, r, ws = _moe_case()
+    y0, g0 = _value_and_grads(lambda x, ws: moe.dispatch_ragged(x, r, *ws, "xla", None, align=0), x, ws)
+    y1, g1 = _value_and_grads(lambda x, ws: moe.dispatch_ragged(x, r, *ws, "xla", None, align=128), x, ws)
+    _close(y1, y0, 1e-6)
+    for a, b in zip(g1, g0):
+        _close(a, b, 1e-5)
+
+
+def test_mgpu_training_path_equals_emulate(monkeypatch):
+    """``DSV3_FP8_GEMM=mgpu``: MoE experts on the aligned layout (grouped Fprop/Dgrad, k-grouped Wgrad) and a
+    Linear (dense Fprop/Dgrad/Wgrad) give the emulation's values and gradients (same layout, same tiles)."""
+    x, r, ws = _moe_case()
+    w = jax.random.normal(jax.random.key(9), (256, 256)) * 0.05
+
+    def moe_fn(x, ws):
+        return moe.dispatch_ragged(x, r, *ws, "xla", False, align=128)
+
+    def lin_fn(x, w):
+        return fp8.fp8_matmul(x, w)
+
+    ref = [_value_and_grads(moe_fn, x, ws), _value_and_grads(lin_fn, x, w)]
+    monkeypatch.setenv("DSV3_FP8_GEMM", "mgpu")
+    assert fp8.gemm_mode() == "mgpu" and fp8.aligned_groups()
+    got = [_value_and_grads(lambda x, ws: moe_fn(x, ws), x, ws), _value_and_grads(lambda x, w: lin_fn(x, w), x, w)]
+    for (y1, g1), (y0, g0) in zip(got, ref):
+        _close(y1, y0, 1e-5)
+        for a, b in zip(g1, g0):
+            _close(a, b, 1e-4)
+
+
+def test_gemm_mode_auto_off_gpu(monkeypatch):
+    monkeypatch.setenv("DSV3_FP8_GEMM", "auto")
+    assert fp8.gemm_mode() == "emulate" and not fp8.aligned_groups()
+    monkeypatch.setenv("DSV3_FP8_GEMM", "mgpu")  # decode-sized batches stay unpadded even in mgpu mode
+    x, r, ws = _moe_case(N=8)
+    ref = moe.dispatch_ragged(x, r, *ws, "xla", False, align=0)
+    np.testing.assert_array_equal(moe.dispatch_ragged(x, r, *ws, "xla", False), ref)
+    monkeypatch.setenv("DSV3_FP8_GEMM", "wgmma")
+    with pytest.raises(ValueError, match="mgpu"):
+        fp8.gemm_mode()
