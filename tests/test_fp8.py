@@ -431,6 +431,26 @@ def test_lossless_cast_reproduces_fp32_autodiff(runs, monkeypatch):
                                    err_msg=jax.tree_util.keystr(path))
 
 
+def test_aligned_expert_layout_reproduces_fp32_autodiff(runs, monkeypatch):
+    """The layout the Hopper kernels train on (every expert padded to 128 rows, ``aligned`` grouped GEMMs) is
+    exact too: with a lossless cast the whole model's loss and gradients are FP32 autodiff's."""
+    v, tokens, out = runs
+    monkeypatch.setattr(fp8, "E4M3_JNP", jnp.float32)
+    monkeypatch.setattr(fp8, "aligned_groups", lambda: True)
+    monkeypatch.setattr(moe, "ALIGN_MIN_ROWS_PER_EXPERT", 0)
+    cfg = dataclasses.replace(MODEL_CFG, fp8=True)
+    seen = []
+    real = moe.aligned_layout
+    monkeypatch.setattr(moe, "aligned_layout", lambda *a, **k: seen.append(1) or real(*a, **k))
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: _loss(cfg, v, p, tokens)))(v["params"])
+    assert seen  # the padded layout was used
+    np.testing.assert_allclose(float(loss), out["fp32"][0][0], rtol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(out["fp32"][1])[0], jax.tree.leaves(grads),
+                            strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * float(np.abs(a).max()) + 1e-12,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Serving FP8 weights
 # ---------------------------------------------------------------------------------------------------------
