@@ -199,20 +199,22 @@ def _dequant_operands(a_q, a_scale, b_q, b_scale):
 
 
 def chunked_dot(a_q: jax.Array, a_scale: jax.Array, b_q: jax.Array, b_scale: jax.Array,
-                b_block: bool = False, out_dtype: jnp.dtype = jnp.float32) -> jax.Array:
+                b_block: bool = False, out_dtype: jnp.dtype = jnp.float32, stored_b: bool = False) -> jax.Array:
     """FP8 GEMM with FP32 promotion every 128 of K (the DeepGEMM math). → float32 [M, N].
 
     a_q [M, K] with a_scale [M, ceil(K/128)] (one per row per K chunk); b_q [K, N] with b_scale
     [ceil(K/128), N] (one per K chunk per column). ``y = Σ_c (a_q[:, c] · b_q[c, :]) · a_scale[:, c] ⊗ b_scale[c]``,
     summed chunk after chunk in FP32. Fprop, Dgrad and Wgrad are all this shape (see :func:`fp8_matmul`).
     ``b_block``: b_scale is constant over 128-column blocks (a weight's 128×128 blocks; a kernel hint).
-    ``out_dtype``: what the FP32 result is rounded to (the ``mgpu`` kernel writes it directly).
+    ``out_dtype``: what the FP32 result is rounded to (the ``mgpu`` kernel writes it directly). ``stored_b``:
+    b is a served FP8 checkpoint's weight (decode-sized calls): ``mgpu`` would transpose the whole weight to
+    K-major on every call, so these run as ``dequant``.
     """
     M, K = a_q.shape
     N = b_q.shape[1]
     Kb = -(-K // BLOCK)
     assert a_scale.shape == (M, Kb) and b_scale.shape == (Kb, N), (a_scale.shape, b_scale.shape, M, K, N)
-    if gemm_mode() == "mgpu":  # B K-major: b_q.T (a transpose XLA folds into the producer, or cancels)
+    if gemm_mode() == "mgpu" and not stored_b:  # B K-major: b_q.T (XLA folds it into the producer, or cancels)
         return mgpu.block_scaled_matmul_nk(a_q, a_scale, b_q.T, b_scale, out_dtype, b_block=b_block,
                                            interpret=not on_gpu())
     return _chunked_dot_f32(a_q, a_scale, b_q, b_scale).astype(out_dtype)
@@ -224,7 +226,7 @@ def _chunked_dot_f32(a_q: jax.Array, a_scale: jax.Array, b_q: jax.Array, b_scale
     Kb = -(-K // BLOCK)
     if _pallas_gemm():
         return block_scaled_matmul(a_q, a_scale, b_q, b_scale, jnp.float32, interpret=not on_gpu())
-    if dequant_gemm():
+    if gemm_mode() in ("dequant", "mgpu"):  # mgpu here: a served weight (see chunked_dot)
         a, b = _dequant_operands(a_q, a_scale, b_q, b_scale)
         return jnp.dot(a, b, preferred_element_type=jnp.float32)
     a = _pad_last2(a_q.astype(jnp.float32), M, Kb * BLOCK).reshape(M, Kb, BLOCK).transpose(1, 0, 2)
@@ -369,7 +371,8 @@ def fp8_dot(x: jax.Array, w: jax.Array | Quantized, in_dims: int = 1, pow2: bool
     x2, K, N = _flatten(x, w.shape, in_dims)
     if isinstance(w, Quantized):
         xq = quantize(x2, TILE, pow2)
-        y = chunked_dot(xq.q, xq.scale, w.q.reshape(K, N), _cols(w.scale, N), True, out_dtype or x.dtype)
+        y = chunked_dot(xq.q, xq.scale, w.q.reshape(K, N), _cols(w.scale, N), True, out_dtype or x.dtype,
+                        stored_b=True)
     else:
         y = fp8_matmul(x2, w.reshape(K, N), pow2, out_dtype)
     return y.reshape(*lead, *out_shape)
@@ -435,6 +438,7 @@ def fp8_grouped_matmul(x: jax.Array, w: jax.Array | Quantized, group_sizes: jax.
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     if isinstance(w, Quantized):
         xq = quantize(x, TILE, pow2)
-        return grouped_chunked_dot(xq.q, xq.scale, w.q, _cols(w.scale, w.q.shape[2]), group_sizes, aligned,
+        # served weights: never the mgpu kernels (they would transpose every expert's weight per call)
+        return grouped_chunked_dot(xq.q, xq.scale, w.q, _cols(w.scale, w.q.shape[2]), group_sizes, False,
                                    out_dtype)
     return _fp8_grouped(x, w, group_sizes, _Spec(pow2, out_dtype, jnp.dtype(x.dtype), jnp.dtype(w.dtype), aligned))

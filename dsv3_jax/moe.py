@@ -182,7 +182,7 @@ def dispatch_ragged(x: jax.Array, routing: Routing, w_gate: Weight, w_up: Weight
     E = w_gate.shape[0]
     K = routing.experts.shape[1]
     if align is None:  # padding costs up to 127 rows per expert: only worth it for batches this size or more
-        align = fp8.BLOCK if (fp8_pow2 is not None and fp8.aligned_groups()
+        align = fp8.BLOCK if (fp8_pow2 is not None and fp8.aligned_groups() and not isinstance(w_gate, fp8.Quantized)
                               and N * K >= ALIGN_MIN_ROWS_PER_EXPERT * E) else 0
     order, inverse, sizes = sort_by_expert(routing.experts, E)  # row j of the sorted batch is copy order[j]
     copies = jnp.broadcast_to(x[:, None], (N, K, d)).reshape(N * K, d)  # backward: a sum over K

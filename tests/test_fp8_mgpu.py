@@ -162,3 +162,24 @@ def test_gemm_mode_auto_off_gpu(monkeypatch):
     monkeypatch.setenv("DSV3_FP8_GEMM", "wgmma")
     with pytest.raises(ValueError, match="mgpu"):
         fp8.gemm_mode()
+
+
+def test_served_fp8_weights_skip_the_mgpu_kernels(monkeypatch):
+    """A served checkpoint's E4M3 weights would be transposed to K-major on every decode call: in mgpu mode they
+    run the dequant path instead (same result as dequant), and MoE dispatch does not pad them."""
+    x = _randn((8, 256), 10)
+    w = fp8.quantize(_randn((256, 128), 11) * 0.05, fp8.WEIGHT)
+    monkeypatch.setenv("DSV3_FP8_GEMM", "dequant")
+    ref = fp8.fp8_dot(x, w)
+
+    def boom(*a, **k):
+        raise AssertionError("mgpu kernel called for a served weight")
+
+    monkeypatch.setattr(mg, "block_scaled_matmul_nk", boom)
+    monkeypatch.setattr(mg, "block_scaled_grouped_matmul_nk", boom)
+    monkeypatch.setenv("DSV3_FP8_GEMM", "mgpu")
+    np.testing.assert_array_equal(fp8.fp8_dot(x, w), ref)
+    monkeypatch.setattr(moe, "ALIGN_MIN_ROWS_PER_EXPERT", 0)
+    xm, r, ws = _moe_case(N=16)
+    qs = [fp8.quantize(w_, fp8.WEIGHT) for w_ in ws]
+    moe.dispatch_ragged(xm, r, *qs, "xla", False)  # would call the grouped kernel if it padded
