@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax
 import numpy as np
 
+from dsv3_jax import fp8
 from dsv3_jax.config import ModelConfig, load_config
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12}
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             parts[name + "_ms"] = statistics.median(ts) * 1e3
         parts["optimizer_and_rest_ms"] = step_s * 1e3 - parts["forward+backward_ms"]
         print("BREAKDOWN " + " ".join(f"{k}={v:.1f}" for k, v in parts.items()))
+    is_fp8 = cfg.train.precision == "fp8"
     stats = jax.devices()[0].memory_stats() or {}
     mem = stats.get("peak_bytes_in_use", 0) / 2 ** 30
     res = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, layers=m.num_hidden_layers,
@@ -145,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                tflops_per_s=tps * fpt / 1e12, mfu=mfu, peak_mem_gib=mem, compile_and_warmup_s=compile_s,
                loss_first=losses[0], loss_last=losses[-1], flops_per_token=fpt,
                active_params=m.param_counts()["active"], attention_impl=m.attention_impl, moe_impl=m.moe_impl,
-               remat=m.remat, **parts)
-    print(f"RESULT ours layers={res['layers']} mtp={res['mtp']} seq={seq} mb={a.mb} step {res['step_ms']:.0f} ms "
+               remat=m.remat, precision=cfg.train.precision, fp8_gemm=fp8.gemm_mode() if is_fp8 else None,
+               **parts)
+    print(f"RESULT ours layers={res['layers']} mtp={res['mtp']} seq={seq} mb={a.mb} "
+          + (f"fp8 ({res['fp8_gemm']}) " if is_fp8 else "") + f"step {res['step_ms']:.0f} ms "
           f"tokens/s {tps:.0f} TFLOP/s {res['tflops_per_s']:.1f} MFU "
           f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} peak mem {mem:.1f} GiB (compile+warmup {compile_s:.0f}s)")
     if a.json:
