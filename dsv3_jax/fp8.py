@@ -410,7 +410,7 @@ def _fp8_grouped_bwd(spec, res, dy):
         dw = block_scaled_kgrouped_matmul(x_col.q, x_col.scale, dy_col.q, dy_col.scale, group_sizes,
                                           interpret=not on_gpu())
         return dx.astype(spec.x_dtype), dw.astype(spec.w_dtype), None
-    if mode in ("dequant", "mgpu"):  # the grouped kernel's own weight-gradient path, on the dequantised BF16 operands
+    if mode in ("dequant", "mgpu"):  # the grouped kernel's own Wgrad path, on the dequantised BF16 operands
         xd, dyd = dequantize(x_col, COL_TILE, jnp.bfloat16), dequantize(dy_col, COL_TILE, jnp.bfloat16)
         _, pull = jax.vjp(lambda w: grouped_matmul(xd, w, group_sizes.astype(jnp.int32)),
                           jnp.zeros(wq.q.shape, jnp.bfloat16))

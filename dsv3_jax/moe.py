@@ -92,41 +92,23 @@ def expert_matmul(a: jax.Array, w: Weight, sizes: jax.Array, impl: str = "auto",
 
 @jax.custom_vjp
 def permute_rows(x: jax.Array, perm: jax.Array, inverse: jax.Array) -> jax.Array:
-    """``x[perm]`` for a permutation ``perm`` (with ``inverse`` = argsort(perm)): the backward pass is a gather
-    by ``inverse`` instead of the scatter-add autodiff would emit (scatters are slow on GPUs)."""
-    return jnp.take(x, perm, axis=0)
+    """``x[perm]`` for an injective ``perm`` whose inverse map is ``inverse`` (row r of x lands at ``inverse[r]``):
+    the backward pass is a gather by ``inverse`` instead of the scatter-add autodiff would emit (scatters are
+    slow on GPUs). Out-of-range indices give zero rows both ways, so the same call moves rows into and out of
+    :func:`aligned_layout`'s padding; for a permutation every index is in range."""
+    return jnp.take(x, perm, axis=0, mode="fill", fill_value=0)
 
 
 def _permute_fwd(x, perm, inverse):
-    return jnp.take(x, perm, axis=0), (perm, inverse)
+    return permute_rows(x, perm, inverse), (perm, inverse)
 
 
 def _permute_bwd(res, dy):
-    perm, inverse = res
-    return jnp.take(dy, inverse, axis=0), None, None
-
-
-permute_rows.defvjp(_permute_fwd, _permute_bwd)
-
-
-@jax.custom_vjp
-def gather_rows(x: jax.Array, idx: jax.Array, inverse: jax.Array) -> jax.Array:
-    """``x[idx]`` with rows of out-of-range ``idx`` zero, for an injective ``idx`` whose inverse map is
-    ``inverse`` (``x`` row r lands at ``inverse[r]``, out of range if nowhere): the backward pass is the gather
-    ``dy[inverse]`` instead of a scatter-add. Moves rows into and out of :func:`aligned_layout`'s padding."""
-    return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
-
-
-def _gather_fwd(x, idx, inverse):
-    return gather_rows(x, idx, inverse), (idx, inverse)
-
-
-def _gather_bwd(res, dy):
     _, inverse = res
     return jnp.take(dy, inverse, axis=0, mode="fill", fill_value=0), None, None
 
 
-gather_rows.defvjp(_gather_fwd, _gather_bwd)
+permute_rows.defvjp(_permute_fwd, _permute_bwd)
 
 
 def aligned_layout(order: jax.Array, inverse: jax.Array, sizes: jax.Array, align: int = fp8.BLOCK
@@ -188,7 +170,7 @@ def dispatch_ragged(x: jax.Array, routing: Routing, w_gate: Weight, w_up: Weight
     copies = jnp.broadcast_to(x[:, None], (N, K, d)).reshape(N * K, d)  # backward: a sum over K
     if align:
         src, pos, sizes = aligned_layout(order, inverse, sizes, align)
-        xs = gather_rows(copies, src, pos)  # [P, d], padding rows zero
+        xs = permute_rows(copies, src, pos)  # [P, d], padding rows zero
     else:
         xs = permute_rows(copies, order, inverse)  # [N·K, d]
     aligned = align > 0 and align % fp8.BLOCK == 0
@@ -198,7 +180,7 @@ def dispatch_ragged(x: jax.Array, routing: Routing, w_gate: Weight, w_up: Weight
 
     h = swiglu(gemm(xs, w_gate), gemm(xs, w_up))
     ys = gemm(h, w_down)  # [N·K or P, d]
-    y = (gather_rows(ys, pos, src) if align else permute_rows(ys, inverse, order)).reshape(N, K, d)
+    y = (permute_rows(ys, pos, src) if align else permute_rows(ys, inverse, order)).reshape(N, K, d)
     return jnp.einsum("nkd,nk->nd", y, routing.weights.astype(x.dtype), preferred_element_type=jnp.float32
                       ).astype(x.dtype)
 

@@ -95,8 +95,8 @@ def test_aligned_layout_round_trips_and_never_straddles():
     assert P % 128 == 0 and P >= int(psizes.sum()) and np.all(np.asarray(psizes) % 128 == 0)
     assert np.all(np.asarray(psizes) >= np.asarray(sizes)) and int(psizes[-1]) == 0
     rows = jnp.arange(C, dtype=jnp.float32)[:, None] + 1
-    padded = moe.gather_rows(rows, src, pos)
-    np.testing.assert_array_equal(moe.gather_rows(padded, pos, src), rows)  # every copy comes back
+    padded = moe.permute_rows(rows, src, pos)
+    np.testing.assert_array_equal(moe.permute_rows(padded, pos, src), rows)  # every copy comes back
     assert int((padded > 0).sum()) == C  # and sits in exactly one padded row
     # the copies in each padded group are that expert's copies, in the sorted order
     flat, bounds = experts.reshape(-1), np.concatenate([[0], np.cumsum(psizes)])
