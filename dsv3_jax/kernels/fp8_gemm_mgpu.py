@@ -12,10 +12,11 @@ Operands (B is K-major: Hopper's FP8 WGMMA reads both operands K-major from shar
 
 Layout of the work: a persistent grid of one CTA per SM walks the [M/128, N/128] output tiles; per CTA a memory
 warpgroup streams 128-K slabs of A, Bᵀ and both scale rows through shared memory with TMA
-(``emit_pipeline_warp_specialized``), and two compute warpgroups each own 64 rows × 128 columns: WGMMA into the
-partial accumulator, wait, scale, add into the main accumulator, zero the partial. M, N and K must be multiples
-of 128 (:func:`block_scaled_matmul_nk` pads the others). GPU only (sm_90); the CPU path is the Triton kernel in
-interpret mode or the XLA emulation, with identical math.
+(``emit_pipeline_warp_specialized``), and two compute warpgroups each own 64 rows × 128 columns: WGMMA into a
+fresh FP32 accumulator, wait, scale, add into the register accumulator. Three layouts share the kernel (see
+``_kernel``): dense, grouped (MoE experts on row groups padded to 128) and k-grouped (the experts' Wgrad).
+M, N and K must be multiples of 128 (the wrappers pad the others; grouped rows must come aligned). Hopper
+(sm_90) only; off the GPU the same kernels run in Mosaic GPU's interpreter (``interpret=True``, the CPU tests).
 """
 
 from __future__ import annotations
@@ -40,9 +41,7 @@ def _mgpu():
 
 
 def _interpret_params():
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    return InterpretGPUParams()
+    return _mgpu().InterpretGPUParams()  # Mosaic GPU's CPU interpreter (the tests)
 
 
 def _transposed(plgpu, ref):
