@@ -127,12 +127,12 @@ def aligned_layout(order: jax.Array, inverse: jax.Array, sizes: jax.Array, align
     pends, ends = jnp.cumsum(psizes), jnp.cumsum(sizes)
     pstarts, starts = pends - psizes, ends - sizes
     p = jnp.arange(P, dtype=jnp.int32)
-    g = jnp.minimum(jnp.searchsorted(pends, p, side="right"), E - 1)
+    g = fp8.group_ids(psizes, P)  # expert of each padded row
     i = p - pstarts[g]
     valid = (i < sizes[g]) & (p < pends[-1])
     src = jnp.where(valid, jnp.take(order, jnp.clip(starts[g] + i, 0, C - 1)), C).astype(jnp.int32)
     j = inverse.astype(jnp.int32)  # sorted position of each copy
-    gc = jnp.minimum(jnp.searchsorted(ends, j, side="right"), E - 1)
+    gc = jnp.take(fp8.group_ids(sizes, C), j)  # its expert
     pos = (pstarts[gc] + j - starts[gc]).astype(jnp.int32)
     return src, pos, psizes
 
