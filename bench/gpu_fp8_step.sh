@@ -4,6 +4,8 @@
 #                                               # the step BF16 vs FP8 at 6 layers and at LAYERS (default 13)
 #   bash bench/gpu_fp8_step.sh profile          # device time per kernel of the 6-layer FP8 step and BF16 step
 #   bash bench/gpu_fp8_step.sh gap [STEPS]      # the BF16-vs-FP8 loss-gap run (bench/gpu_fp8_gap.sh; carry .tok)
+#   bash bench/gpu_fp8_step.sh quant [LAYERS]   # the fused quantisation kernels vs XLA, a profiled 6-layer FP8 step
+#                                               # (trace + optimised HLO in $OUT/prof_fp8.tgz), the steps as `steps`
 # Results in $OUT; carry .whl.
 set -uo pipefail
 WHAT=${1:-steps}
@@ -26,7 +28,18 @@ case "$WHAT" in
   profile)
     LIMIT=240 run prof_L6_fp8 --layers 6 --profile /tmp/prof_fp8 train.precision=fp8
     LIMIT=240 run prof_L6_bf16 --layers 6 --profile /tmp/prof_bf16 ;;
+  quant)
+    LAYERS=${2:-13}
+    timeout 120 python3 bench/kernels.py --only fp8_quant --json "$OUT/kernels_fp8_quant.json" 2>&1 \
+      | grep -v -E "Autotuning cache miss|^WARNING:absl" | tail -12
+    XLA_FLAGS="--xla_dump_to=/tmp/hlo_fp8" LIMIT=240 run prof_L6_fp8 --layers 6 --profile /tmp/prof_fp8 \
+      train.precision=fp8
+    mkdir -p /tmp/pf && find /tmp/hlo_fp8 -name "*train_core*after_optimizations.txt" -exec cp {} /tmp/pf/ \; \
+      && find /tmp/prof_fp8 -name "*.trace.json.gz" -exec cp {} /tmp/pf/ \; && tar czf "$OUT/prof_fp8.tgz" -C /tmp/pf .
+    run train_L6_bf16 --layers 6
+    run train_L${LAYERS}_fp8 --layers "$LAYERS" train.precision=fp8
+    run train_L${LAYERS}_bf16 --layers "$LAYERS" ;;
   gap)
     LIMIT=${GAP_LIMIT:-270} bash bench/gpu_fp8_gap.sh "${2:-200}" ;;
-  *) echo "usage: bash bench/gpu_fp8_step.sh steps|profile|gap [N]" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_fp8_step.sh steps|profile|quant|gap [N]" >&2; exit 2 ;;
 esac

@@ -398,8 +398,58 @@ def mla_decode_rows(quick: bool, iters: int) -> list[dict]:
     return rows
 
 
+def fp8_quant_rows(quick: bool, iters: int) -> list[dict]:
+    """Online quantisation of one activation into both tile forms (1×128 rows; 128×1 columns stored transposed,
+    as the Wgrad kernels read them): XLA (two ``fp8.quantize`` + transpose) vs the fused Pallas kernel
+    (dsv3_jax/kernels/fp8_quant.py). GB/s counts one read of x and the writes of both FP8 forms and scales."""
+    from dsv3_jax.kernels import fp8_quant
+
+    shapes = [(57344, 2048), (57344, 1024), (8192, 2048), (8192, 3072)] if not quick else [(256, 256)]
+    rows = []
+    for M, K in shapes:
+        x = jax.random.normal(jax.random.key(M + K), (M, K), jnp.bfloat16)
+        nbytes = M * K * (2 + 1 + 1) + 4 * (M * K // 128) * 2
+
+        def xla(x):
+            r, c = fp8.quantize(x, fp8.TILE), fp8.quantize(x, fp8.COL_TILE)
+            return r.q, r.scale, c.q.T, c.scale
+
+        fused = jax.jit(functools.partial(fp8_quant.quantize_rows_and_cols, interpret=not on_gpu()))
+        ref = jax.jit(xla)(x)
+        for impl, fn in (("xla", jax.jit(xla)), ("pallas fused", fused)):
+            try:
+                t = bench(fn, x, iters=iters)
+                got = fn(x)
+                err = max(float(jnp.mean(jnp.asarray(a, jnp.float32) != jnp.asarray(b, jnp.float32)))
+                          for a, b in zip((got[0], got[2]), (ref[0], ref[2])))
+                rows.append(dict(op="FP8 quantise rows+cols", shape=f"[{M},{K}] bf16", impl=impl, ms=t * 1e3,
+                                 tflops=0.0, gbps=nbytes / t / 1e9, err=err))
+            except Exception as e:  # keep the table going
+                rows.append(_error_row("FP8 quantise rows+cols", f"[{M},{K}] bf16", impl, e))
+    G, K, N = (64, 2048, 1024) if not quick else (2, 256, 128)
+    w = jax.random.normal(jax.random.key(7), (G, K, N), jnp.float32)
+    nbytes = G * K * N * (4 + 1 + 1)
+
+    def xla_w(w):
+        r = fp8.quantize(w, fp8.WEIGHT)
+        return r.q, r.q.transpose(0, 2, 1), r.scale
+
+    fused_w = jax.jit(functools.partial(fp8_quant.quantize_weight_blocks, interpret=not on_gpu()))
+    for impl, fn in (("xla", jax.jit(xla_w)), ("pallas fused", fused_w)):
+        try:
+            t = bench(fn, w, iters=iters)
+            rows.append(dict(op="FP8 quantise weight, both layouts", shape=f"[{G},{K},{N}] f32", impl=impl,
+                             ms=t * 1e3, tflops=0.0, gbps=nbytes / t / 1e9,
+                             err=float(jnp.mean(jnp.asarray(fn(w)[1], jnp.float32)
+                                                != jnp.asarray(xla_w(w)[1], jnp.float32)))))
+        except Exception as e:
+            rows.append(_error_row("FP8 quantise weight, both layouts", f"[{G},{K},{N}] f32", impl, e))
+    return rows
+
+
 SECTIONS = {"dense": dense_rows, "grouped": grouped_gemm_rows, "attention": attention_rows,
-            "fp8": fp8_block_scaled_rows, "fp8_sweep": fp8_sweep_rows, "fp8_mgpu": fp8_mgpu_rows, "mla_decode": mla_decode_rows}
+            "fp8": fp8_block_scaled_rows, "fp8_sweep": fp8_sweep_rows, "fp8_mgpu": fp8_mgpu_rows,
+            "fp8_quant": fp8_quant_rows, "mla_decode": mla_decode_rows}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from dsv3_jax.kernels import fp8_gemm_mgpu as mgpu
+from dsv3_jax.kernels import fp8_quant
 from dsv3_jax.kernels import grouped_matmul
 from dsv3_jax.kernels._backend import on_gpu
 from dsv3_jax.kernels.fp8_gemm import block_scaled_grouped_matmul, block_scaled_kgrouped_matmul, block_scaled_matmul
@@ -142,6 +143,46 @@ def dequantize(x: Quantized, block: tuple[int, int] = TILE, dtype: jnp.dtype = j
     """``q · scale`` per block → ``dtype`` [..., R, C]."""
     s = expand_scale(x.scale, block, x.q.shape[-2:])
     return (x.q.astype(jnp.float32) * s).astype(dtype)
+
+
+def quantize_both(x: jax.Array, pow2: bool = False) -> tuple[Quantized, Quantized]:
+    """An activation or gradient x [M, K] in the two forms its GEMMs read (M tokens, K channels):
+
+    rows: 1×128 tiles along K (Fprop, Dgrad) — ``Quantized(q [M, K], scale [M, ceil(K/128)])``;
+    cols: 128×1 tiles along M (Wgrad), stored transposed (K-major, as the Hopper kernels read it) —
+    ``Quantized(q [K, M] = the quantised xᵀ, scale [ceil(M/128), K])``.
+
+    Under ``mgpu`` (and linear scales, both dims multiples of 128) one fused kernel reads x once and writes
+    both (:mod:`dsv3_jax.kernels.fp8_quant`); otherwise two :func:`quantize` calls. Same values either way.
+    """
+    if gemm_mode() == "mgpu" and not pow2 and fp8_quant.supported(x):
+        q, s, qt, st = fp8_quant.quantize_rows_and_cols(x, E4M3_JNP, interpret=not on_gpu())
+        return Quantized(q, s.T), Quantized(qt, st)
+    rows, cols = quantize(x, TILE, pow2), quantize(x, COL_TILE, pow2)
+    return rows, Quantized(jnp.swapaxes(cols.q, -1, -2), cols.scale)
+
+
+def quantize_weight(w: jax.Array, pow2: bool = False) -> tuple[Quantized, jax.Array]:
+    """A weight w [..., K, N] in 128×128 blocks, in both layouts its GEMMs read: (``Quantized(q [..., K, N],
+    scale [..., K/128, N/128])`` (Dgrad), qt [..., N, K] = qᵀ (Fprop, K-major)).
+
+    Under ``mgpu`` (linear scales, K and N multiples of 128) one fused kernel reads the FP32 master weight once
+    and writes both (:func:`dsv3_jax.kernels.fp8_quant.quantize_weight_blocks`); otherwise :func:`quantize` and
+    a transpose. Same values either way.
+    """
+    if gemm_mode() == "mgpu" and not pow2 and w.ndim in (2, 3) and fp8_quant.supported(w, w.ndim):
+        w3 = w.reshape(-1, *w.shape[-2:])
+        q, qt, scale = fp8_quant.quantize_weight_blocks(w3, E4M3_JNP, interpret=not on_gpu())
+        lead = w.shape[:-2]
+        return (Quantized(q.reshape(w.shape), scale.reshape(*lead, *scale.shape[1:])),
+                qt.reshape(*lead, *qt.shape[1:]))
+    wq = quantize(w, WEIGHT, pow2)
+    return wq, jnp.swapaxes(wq.q, -1, -2)
+
+
+def _untransposed(cols_t: Quantized) -> Quantized:
+    """:func:`quantize_both`'s transposed column form → the plain ``quantize(x, COL_TILE)`` form."""
+    return Quantized(jnp.swapaxes(cols_t.q, -1, -2), cols_t.scale)
 
 
 GEMM_MODES = ("auto", "emulate", "dequant", "pallas", "mgpu")
@@ -321,22 +362,21 @@ def _fp8_matmul(x: jax.Array, w: jax.Array, spec: _Spec) -> jax.Array:
 
 def _fp8_matmul_fwd(x, w, spec):
     N = w.shape[1]
-    xq, wq = quantize(x, TILE, spec.pow2), quantize(w, WEIGHT, spec.pow2)
-    y = chunked_dot(xq.q, xq.scale, wq.q, _cols(wq.scale, N), True, spec.out_dtype)  # Fprop: x tiles along K
+    (xq, x_cols_t), (wq, wq_t) = quantize_both(x, spec.pow2), quantize_weight(w, spec.pow2)
+    y = chunked_dot(xq.q, xq.scale, wq_t.T, _cols(wq.scale, N), True, spec.out_dtype)  # Fprop: x tiles along K
     # Wgrad is the only backward use of x, and it contracts tokens: cache x quantised along tokens, in FP8,
     # instead of x itself (REFERENCE §8: activations saved for backward in FP8).
-    return y, (quantize(x, COL_TILE, spec.pow2), wq)
+    return y, (x_cols_t, wq)
 
 
 def _fp8_matmul_bwd(spec, res, dy):
-    x_col, wq = res
+    x_cols_t, wq = res
     K = wq.q.shape[0]
     # Dgrad dx [M, K] = dy [M, N] · Wᵀ: contracts N → dy in 1×128 tiles along N; W's 128×128 blocks, transposed.
-    dy_row = quantize(dy, TILE, spec.pow2)
-    dx = chunked_dot(dy_row.q, dy_row.scale, wq.q.T, _cols(wq.scale.T, K), True, spec.x_dtype)
     # Wgrad dW [K, N] = xᵀ · dy: contracts tokens M → both operands in tiles of 128 tokens (per channel).
-    dy_col = quantize(dy, COL_TILE, spec.pow2)
-    dw = chunked_dot(x_col.q.T, x_col.scale.T, dy_col.q, dy_col.scale, out_dtype=spec.w_dtype)
+    dy_row, dy_cols_t = quantize_both(dy, spec.pow2)
+    dx = chunked_dot(dy_row.q, dy_row.scale, wq.q.T, _cols(wq.scale.T, K), True, spec.x_dtype)
+    dw = chunked_dot(x_cols_t.q, x_cols_t.scale.T, dy_cols_t.q.T, dy_cols_t.scale, out_dtype=spec.w_dtype)
     return dx, dw
 
 
@@ -385,27 +425,28 @@ def _fp8_grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, spec: _Spec
 
 def _fp8_grouped_fwd(x, w, group_sizes, spec):
     N = w.shape[2]
-    xq, wq = quantize(x, TILE, spec.pow2), quantize(w, WEIGHT, spec.pow2)  # blocks per expert
-    y = grouped_chunked_dot(xq.q, xq.scale, wq.q, _cols(wq.scale, N), group_sizes, spec.aligned, spec.out_dtype)
-    return y, (quantize(x, COL_TILE, spec.pow2), wq, group_sizes)
+    (xq, x_cols_t), (wq, wq_t) = quantize_both(x, spec.pow2), quantize_weight(w, spec.pow2)  # blocks per expert
+    y = grouped_chunked_dot(xq.q, xq.scale, jnp.swapaxes(wq_t, 1, 2), _cols(wq.scale, N), group_sizes,
+                            spec.aligned, spec.out_dtype)
+    return y, (x_cols_t, wq, group_sizes)
 
 
 def _fp8_grouped_bwd(spec, res, dy):
-    x_col, wq, group_sizes = res
+    x_cols_t, wq, group_sizes = res
     K = wq.q.shape[1]
-    dy_row = quantize(dy, TILE, spec.pow2)
+    dy_row, dy_cols_t = quantize_both(dy, spec.pow2)
     wt = Quantized(wq.q.transpose(0, 2, 1), wq.scale.transpose(0, 2, 1))  # [G, N, K], blocks [G, Nb, Kb]
     dx = grouped_chunked_dot(dy_row.q, dy_row.scale, wt.q, _cols(wt.scale, K), group_sizes, spec.aligned,
                              spec.x_dtype)
     # Wgrad per expert contracts that expert's tokens. Token tiles are 128 rows of the sorted batch (a tile may
     # straddle two experts; DeepGEMM's k-grouped kernel pads groups to 128 instead). Reference math: the
     # dequantised operands, contracted in FP32 — equal to per-chunk promotion up to FP32 rounding.
-    dy_col = quantize(dy, COL_TILE, spec.pow2)
     mode = gemm_mode()
     if mode == "mgpu" and spec.aligned:  # token tiles never straddle experts: DeepGEMM's k-grouped layout
-        dw = mgpu.block_scaled_kgrouped_matmul_nk(x_col.q.T, x_col.scale.T, dy_col.q.T, dy_col.scale, group_sizes,
-                                                  interpret=not on_gpu())
+        dw = mgpu.block_scaled_kgrouped_matmul_nk(x_cols_t.q, x_cols_t.scale.T, dy_cols_t.q, dy_cols_t.scale,
+                                                  group_sizes, interpret=not on_gpu())
         return dx.astype(spec.x_dtype), dw.astype(spec.w_dtype), None
+    x_col, dy_col = _untransposed(x_cols_t), _untransposed(dy_cols_t)
     if mode == "pallas":  # the k-grouped FP8 kernel: same chunks, promotion per 128 tokens
         dw = block_scaled_kgrouped_matmul(x_col.q, x_col.scale, dy_col.q, dy_col.scale, group_sizes,
                                           interpret=not on_gpu())

@@ -16,6 +16,7 @@ import pytest
 
 from dsv3_jax import fp8, moe
 from dsv3_jax.kernels import fp8_gemm_mgpu as mg
+from dsv3_jax.kernels import fp8_quant
 
 
 @pytest.fixture(autouse=True)
@@ -150,6 +151,55 @@ def test_mgpu_training_path_equals_emulate(monkeypatch):
         _close(y1, y0, 1e-5)
         for a, b in zip(g1, g0):
             _close(a, b, 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_fused_quantize_equals_quantize(dtype):
+    """The fused kernel (one read, both tile forms, the column form transposed) gives fp8.quantize's values and
+    scales bit for bit: rows of wildly different magnitude, an all-zero block (the 1e-4 amax floor), values that
+    round to ±448."""
+    x = _randn((256, 384), 0) * jnp.exp(2 * _randn((256, 1), 1))
+    x = x.at[:128, 128:256].set(0).at[5, 7].set(-3e4).astype(dtype)
+    q, s, qt, st = fp8_quant.quantize_rows_and_cols(x, interpret=True)
+    rows, cols = fp8.quantize(x, fp8.TILE), fp8.quantize(x, fp8.COL_TILE)
+    f32 = lambda a: np.asarray(jnp.asarray(a).astype(jnp.float32))
+    assert q.dtype == qt.dtype == jnp.float8_e4m3fn and s.shape == (3, 256) and st.shape == (2, 384)
+    np.testing.assert_array_equal(f32(q), f32(rows.q))
+    np.testing.assert_array_equal(f32(s.T), f32(rows.scale))
+    np.testing.assert_array_equal(f32(qt.T), f32(cols.q))
+    np.testing.assert_array_equal(f32(st), f32(cols.scale))
+    assert np.abs(f32(q)).max() == 448 and (f32(s.T)[:128, 1] == np.float32(1e-4) / 448).all()
+
+
+def test_fused_weight_quantize_equals_quantize():
+    """The fused weight kernel: fp8.quantize's 128×128 blocks bit for bit, plus the same values transposed."""
+    w = _randn((3, 256, 384), 4) * jnp.exp(_randn((3, 256, 1), 5))
+    w = w.at[1, :128, 128:256].set(0)
+    q, qt, scale = fp8_quant.quantize_weight_blocks(w, interpret=True)
+    ref = fp8.quantize(w, fp8.WEIGHT)
+    f32 = lambda a: np.asarray(jnp.asarray(a).astype(jnp.float32))
+    assert scale.shape == ref.scale.shape == (3, 2, 3)
+    np.testing.assert_array_equal(f32(q), f32(ref.q))
+    np.testing.assert_array_equal(f32(qt), f32(ref.q).transpose(0, 2, 1))
+    np.testing.assert_array_equal(f32(scale), f32(ref.scale))
+    with pytest.raises(ValueError, match="multiples of 128"):
+        fp8_quant.quantize_weight_blocks(jnp.zeros((2, 128, 576)), interpret=True)
+
+
+def test_quantize_both_kernel_and_fallback_agree(monkeypatch):
+    """fp8.quantize_both and fp8.quantize_weight under mgpu (the kernels where dims are multiples of 128, XLA
+    otherwise) = under emulate."""
+    for shape in [(256, 128), (200, 136)]:
+        x = _randn(shape, 3).astype(jnp.bfloat16)
+        ref = fp8.quantize_both(x), fp8.quantize_weight(x.astype(jnp.float32))
+        monkeypatch.setenv("DSV3_FP8_GEMM", "mgpu")
+        got = fp8.quantize_both(x), fp8.quantize_weight(x.astype(jnp.float32))
+        monkeypatch.setenv("DSV3_FP8_GEMM", "emulate")
+        assert got[0][1].q.shape == got[1][1].shape == (shape[1], shape[0])  # column form / Fprop weight: transposed
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+            np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+    with pytest.raises(ValueError, match="multiples of 128"):
+        fp8_quant.quantize_rows_and_cols(jnp.zeros((200, 128)), interpret=True)
 
 
 def test_gemm_mode_auto_off_gpu(monkeypatch):
