@@ -39,6 +39,16 @@ case "$WHAT" in
     run train_L6_bf16 --layers 6
     run train_L${LAYERS}_fp8 --layers "$LAYERS" train.precision=fp8
     run train_L${LAYERS}_bf16 --layers "$LAYERS" ;;
+  wk)  # the fused weight-quantisation kernel on/off at 6 layers, then LAYERS with the faster and BF16
+    LAYERS=${2:-13}
+    timeout 150 python3 bench/kernels.py --only fp8_quant --json "$OUT/kernels_fp8_quant.json" 2>&1 \
+      | grep -v -E "Autotuning cache miss|^WARNING:absl" | tail -16
+    DSV3_FP8_WEIGHT_KERNEL=1 run train_L6_fp8_wk1 --layers 6 train.precision=fp8
+    DSV3_FP8_WEIGHT_KERNEL=0 run train_L6_fp8_wk0 --layers 6 train.precision=fp8
+    WK=$(python3 -c "import json;a,b=(json.load(open('$OUT/train_L6_fp8_wk%d.json'%i))['step_ms'] for i in (0,1));print(int(b<a))")
+    echo "weight kernel: $WK"
+    DSV3_FP8_WEIGHT_KERNEL=$WK run train_L${LAYERS}_fp8_wk$WK --layers "$LAYERS" train.precision=fp8
+    run train_L${LAYERS}_bf16 --layers "$LAYERS" ;;
   gap)
     LIMIT=${GAP_LIMIT:-270} bash bench/gpu_fp8_gap.sh "${2:-200}" ;;
   *) echo "usage: bash bench/gpu_fp8_step.sh steps|profile|quant|gap [N]" >&2; exit 2 ;;

@@ -414,9 +414,10 @@ def fp8_quant_rows(quick: bool, iters: int) -> list[dict]:
             r, c = fp8.quantize(x, fp8.TILE), fp8.quantize(x, fp8.COL_TILE)
             return r.q, r.scale, c.q.T, c.scale
 
-        fused = jax.jit(functools.partial(fp8_quant.quantize_rows_and_cols, interpret=not on_gpu()))
+        fused = {f"pallas fused w{w}": jax.jit(functools.partial(fp8_quant.quantize_rows_and_cols, num_warps=w,
+                                                                  interpret=not on_gpu())) for w in (2, 4, 8)}
         ref = jax.jit(xla)(x)
-        for impl, fn in (("xla", jax.jit(xla)), ("pallas fused", fused)):
+        for impl, fn in (("xla", jax.jit(xla)), *fused.items()):
             try:
                 t = bench(fn, x, iters=iters)
                 got = fn(x)
@@ -434,8 +435,9 @@ def fp8_quant_rows(quick: bool, iters: int) -> list[dict]:
         r = fp8.quantize(w, fp8.WEIGHT)
         return r.q, r.q.transpose(0, 2, 1), r.scale
 
-    fused_w = jax.jit(functools.partial(fp8_quant.quantize_weight_blocks, interpret=not on_gpu()))
-    for impl, fn in (("xla", jax.jit(xla_w)), ("pallas fused", fused_w)):
+    fused_w = {f"pallas fused w{nw}": jax.jit(functools.partial(fp8_quant.quantize_weight_blocks, num_warps=nw,
+                                                                 interpret=not on_gpu())) for nw in (4, 8)}
+    for impl, fn in (("xla", jax.jit(xla_w)), *fused_w.items()):
         try:
             t = bench(fn, w, iters=iters)
             rows.append(dict(op="FP8 quantise weight, both layouts", shape=f"[{G},{K},{N}] f32", impl=impl,

@@ -170,7 +170,8 @@ def quantize_weight(w: jax.Array, pow2: bool = False) -> tuple[Quantized, jax.Ar
     and writes both (:func:`dsv3_jax.kernels.fp8_quant.quantize_weight_blocks`); otherwise :func:`quantize` and
     a transpose. Same values either way.
     """
-    if gemm_mode() == "mgpu" and not pow2 and w.ndim in (2, 3) and fp8_quant.supported(w, w.ndim):
+    if (os.environ.get("DSV3_FP8_WEIGHT_KERNEL", "1") == "1" and gemm_mode() == "mgpu" and not pow2
+            and w.ndim in (2, 3) and fp8_quant.supported(w, w.ndim)):
         w3 = w.reshape(-1, *w.shape[-2:])
         q, qt, scale = fp8_quant.quantize_weight_blocks(w3, E4M3_JNP, interpret=not on_gpu())
         lead = w.shape[:-2]

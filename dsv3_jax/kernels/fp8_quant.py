@@ -57,7 +57,7 @@ def supported(x: jax.Array, ndim: int = 2) -> bool:
 
 
 @functools.partial(jax.jit, static_argnames=("q_dtype", "num_warps", "interpret"))
-def quantize_rows_and_cols(x: jax.Array, q_dtype=jnp.float8_e4m3fn, *, num_warps: int = 8,
+def quantize_rows_and_cols(x: jax.Array, q_dtype=jnp.float8_e4m3fn, *, num_warps: int = 4,
                            interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """x [M, K] → (q [M, K], s [K/128, M], qt [K, M], st [M/128, K]): see the module docstring."""
     if not supported(x):
@@ -98,7 +98,7 @@ def _weight_kernel(w_ref, q_ref, qt_ref, s_ref):
 
 
 @functools.partial(jax.jit, static_argnames=("q_dtype", "num_warps", "interpret"))
-def quantize_weight_blocks(w: jax.Array, q_dtype=jnp.float8_e4m3fn, *, num_warps: int = 8,
+def quantize_weight_blocks(w: jax.Array, q_dtype=jnp.float8_e4m3fn, *, num_warps: int = 4,
                            interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """w [G, K, N] (f32/bf16, K and N multiples of 128) → (q [G, K, N], qt [G, N, K], scale [G, K/128, N/128]):
     128×128 blocks, ``w ≈ q · scale[block]`` and ``wᵀ ≈ qt · scaleᵀ[block]``."""
