@@ -50,6 +50,6 @@ case "$WHAT" in
     DSV3_FP8_WEIGHT_KERNEL=$WK run train_L${LAYERS}_fp8_wk$WK --layers "$LAYERS" train.precision=fp8
     run train_L${LAYERS}_bf16 --layers "$LAYERS" ;;
   gap)
-    LIMIT=${GAP_LIMIT:-270} bash bench/gpu_fp8_gap.sh "${2:-200}" ;;
+    LIMIT=${GAP_LIMIT:-190} bash bench/gpu_fp8_gap.sh "${2:-600}" ;;
   *) echo "usage: bash bench/gpu_fp8_step.sh steps|profile|quant|gap [N]" >&2; exit 2 ;;
 esac

@@ -8,7 +8,9 @@ JAX, for the model: online quantisers for any tile shape (:func:`quantize`), the
 promotion every 128 of K (:func:`chunked_dot`), and the Linear / expert GEMMs whose forward *and* backward
 run in FP8 (:func:`fp8_dot`, :func:`fp8_grouped_matmul`, both ``jax.custom_vjp``). These are exact CPU
 references; fast GPU kernels plug in behind the same functions (:func:`gemm_mode`: ``DSV3_FP8_GEMM=pallas``
-runs the block-scaled Pallas/Triton kernels of :mod:`dsv3_jax.kernels.fp8_gemm`).
+runs the block-scaled Pallas/Triton kernels of :mod:`dsv3_jax.kernels.fp8_gemm`; ``mgpu``, the default on Hopper,
+the WGMMA kernels of :mod:`dsv3_jax.kernels.fp8_gemm_mgpu` fed by the fused quantisers of
+:mod:`dsv3_jax.kernels.fp8_quant`: :func:`quantize_both`, :func:`quantize_weight`).
 """
 
 from __future__ import annotations
