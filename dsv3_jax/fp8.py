@@ -170,7 +170,8 @@ def quantize_weight(w: jax.Array, pow2: bool = False) -> tuple[Quantized, jax.Ar
 
     Under ``mgpu`` (linear scales, K and N multiples of 128) one fused kernel reads the FP32 master weight once
     and writes both (:func:`dsv3_jax.kernels.fp8_quant.quantize_weight_blocks`); otherwise :func:`quantize` and
-    a transpose. Same values either way.
+    a transpose. Same values either way. ``DSV3_FP8_WEIGHT_KERNEL=0`` keeps XLA here (for A/B timing: inside the
+    layer scan the kernel costs a copy of each weight slice, and still wins; BENCHMARKS.md).
     """
     if (os.environ.get("DSV3_FP8_WEIGHT_KERNEL", "1") == "1" and gemm_mode() == "mgpu" and not pow2
             and w.ndim in (2, 3) and fp8_quant.supported(w, w.ndim)):

@@ -60,8 +60,9 @@ def _kernel(*refs, out_dtype, max_concurrent_steps: int, b_block: bool, overlap:
     """One kernel, three layouts (``mode``), all over [M/128, N/128] output tiles and 128-K pipeline steps:
 
     dense     a [M, K], bt [N, K], sa [Kb, M], sb [Kb, N] → out [M, N]
-    grouped   gid [M/128] (group of each 128-row tile), a [M, K], bt [G, N, K], sa [Kb, M], sb [G, Kb, N]
-              → out [M, N]; rows of a tile all belong to its group (groups padded to 128 rows)
+    grouped   gid [M/128] (group of each 128-row tile, -1 past the last group), a [M, K], bt [G, N, K],
+              sa [Kb, M], sb [G, Kb, N] → out [M, N]; rows of a tile all belong to its group (groups padded to
+              128 rows); tiles with gid -1 are stored as zeros without running the pipeline
     kgrouped  gid [Kb + 1] (group of each K chunk, -1 for none, then a -1 sentinel), a [M, K], bt [N, K],
               sa [Kb, M], sb [Kb, N] → out [G, M, N]; each group's K chunks are contiguous; an output tile is
               stored when its group's last chunk is done (groups with no chunk are never written)
@@ -183,13 +184,21 @@ def _kernel(*refs, out_dtype, max_concurrent_steps: int, b_block: bool, overlap:
                     acc = acc * jnp.where(last, 0.0, 1.0).astype(jnp.float32)  # a new group starts from zero
                 return acc
 
-            if mode == "grouped":
+            def run_pipeline(bt_tile, sb_tile):
+                get_pipeline(body, compute_context)(a_gmem.at[m_sl, :], bt_tile, sa_gmem.at[:, m_sl], sb_tile,
+                                                    allocations=pipeline_allocs)
+
+            if mode == "grouped":  # tiles past the last group (the static bound's padding): zeros, no MMA
                 g = gid_gmem[mi]
-                bt_tile, sb_tile = bt_gmem.at[g, n_sl, :], sb_gmem.at[g, :, n_sl]
+                gc = jnp.maximum(g, 0)
+                pl.when(g >= 0)(lambda: run_pipeline(bt_gmem.at[gc, n_sl, :], sb_gmem.at[gc, :, n_sl]))
+
+                @pl.when((g < 0) & (wg < 2))
+                def _zeros():
+                    store(plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA),
+                          out_gmem.at[m_sl, n_sl])
             else:
-                bt_tile, sb_tile = bt_gmem.at[n_sl, :], sb_gmem.at[:, n_sl]
-            get_pipeline(body, compute_context)(a_gmem.at[m_sl, :], bt_tile, sa_gmem.at[:, m_sl], sb_tile,
-                                                allocations=pipeline_allocs)
+                run_pipeline(bt_gmem.at[n_sl, :], sb_gmem.at[:, n_sl])
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -268,7 +277,7 @@ def block_scaled_grouped_matmul_nk(a_q: jax.Array, a_scale: jax.Array, bt_q: jax
     """MoE expert GEMM in FP8 on Hopper, rows in 128-aligned groups → ``out_dtype`` [M, N].
 
     a_q [M, K] (M a multiple of 128) with rows grouped contiguously by ``group_sizes`` [G], every size a
-    multiple of 128 (rows past the sum must be zero: they are computed against group 0's weights);
+    multiple of 128 (128-row tiles past the sum come out zero without being computed);
     a_scale [M, ceil(K/128)]; bt_q [G, N, K] (each expert's weight K-major); b_scale [G, ceil(K/128), N].
     """
     M, K = a_q.shape
@@ -278,7 +287,7 @@ def block_scaled_grouped_matmul_nk(a_q: jax.Array, a_scale: jax.Array, bt_q: jax
         raise ValueError(f"grouped FP8 GEMM (Mosaic GPU): a_q {a_q.shape} (rows a multiple of 128), a_scale "
                          f"{a_scale.shape}, bt_q {bt_q.shape}, b_scale {b_scale.shape}")
     Np, Kp = _up(N, TILE_N), Kb * BLOCK
-    gid = jnp.maximum(aligned_tiles(group_sizes, M)[0], 0)
+    gid = aligned_tiles(group_sizes, M)[0]  # -1 past the last group: those tiles are written as zeros
     args = (gid, _pad2(a_q, M, Kp), _pad2(bt_q, Np, Kp), _pad2(a_scale.astype(jnp.float32).T, Kb, M),
             _pad2(b_scale.astype(jnp.float32), Kb, Np))
     out = _call("grouped", args, (M, Np), out_dtype, max_concurrent_steps, b_block, overlap, interpret)
