@@ -173,15 +173,70 @@ def quantize_weight(w: jax.Array, pow2: bool = False) -> tuple[Quantized, jax.Ar
     a transpose. Same values either way. ``DSV3_FP8_WEIGHT_KERNEL=0`` keeps XLA here (for A/B timing: inside the
     layer scan the kernel costs a copy of each weight slice, and still wins; BENCHMARKS.md).
     """
-    if (os.environ.get("DSV3_FP8_WEIGHT_KERNEL", "1") == "1" and gemm_mode() == "mgpu" and not pow2
-            and w.ndim in (2, 3) and fp8_quant.supported(w, w.ndim)):
-        w3 = w.reshape(-1, *w.shape[-2:])
-        q, qt, scale = fp8_quant.quantize_weight_blocks(w3, E4M3_JNP, interpret=not on_gpu())
+    if _weight_kernel(w, pow2):
         lead = w.shape[:-2]
+        q, qt, scale = fp8_quant.quantize_weight_blocks(w.reshape(-1, *w.shape[-2:]), E4M3_JNP,
+                                                        interpret=not on_gpu())
         return (Quantized(q.reshape(w.shape), scale.reshape(*lead, *scale.shape[1:])),
                 qt.reshape(*lead, *qt.shape[1:]))
     wq = quantize(w, WEIGHT, pow2)
     return wq, jnp.swapaxes(wq.q, -1, -2)
+
+
+def _weight_kernel(w: jax.Array, pow2: bool) -> bool:
+    return (os.environ.get("DSV3_FP8_WEIGHT_KERNEL", "1") == "1" and gemm_mode() == "mgpu" and not pow2
+            and w.ndim >= 2 and fp8_quant.supported(w.reshape(-1, *w.shape[-2:]), 3))
+
+
+class Prequantized(NamedTuple):
+    """A master weight with its E4M3 blocks computed ahead, once per train step outside the layer scan
+    (:func:`prequantize_experts`): ``w`` [..., K, N] (FP32; its gradient flows through the FP8 GEMMs as usual),
+    ``q_t`` [..., N, K] (the Fprop layout, = ``quantize_weight(w)[1]``), ``scale`` [..., K/128, N/128].
+
+    ``w`` comes first: Flax's apply-time shape check compares a param's first leaf with its declared shape."""
+
+    w: jax.Array
+    q_t: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.w.shape
+
+
+EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")  # MoE's routed-expert params, [..., E, in, out]
+
+
+def _expert_leaf(path, w) -> bool:
+    key = getattr(path[-1], "key", None)
+    return key in EXPERT_WEIGHTS and getattr(w, "ndim", 0) >= 3  # a dense MLP's are {"kernel": ...} dicts
+
+
+def prequantize_experts(params, pow2: bool = False) -> dict:
+    """{tree path: Quantized(q_t, scale)} for every routed-expert weight of ``params`` (stacked [L, E, K, N] or
+    [E, K, N]), gradient-free. Done once per train step outside the layer scan, so the FP8 GEMMs read ready E4M3
+    weights: inside the scan each layer would quantise its slice twice (forward and rematerialised forward),
+    and a Pallas quantiser there costs a copy of the FP32 slice first (BENCHMARKS.md). Costs one byte per
+    expert parameter while the step runs."""
+    out = {}
+    for path, w in jax.tree_util.tree_leaves_with_path(params):
+        if _expert_leaf(path, w):
+            w = jax.lax.stop_gradient(w)  # gradient-free (and the Pallas kernel has no JVP to trace)
+            if _weight_kernel(w, pow2):
+                qt, scale = fp8_quant.quantize_weight_blocks(w.reshape(-1, *w.shape[-2:]), E4M3_JNP,
+                                                             transposed_only=True, interpret=not on_gpu())
+                qt = qt.reshape(*w.shape[:-2], *qt.shape[1:])
+                scale = scale.reshape(*w.shape[:-2], *scale.shape[1:])
+            else:
+                wq = quantize(w, WEIGHT, pow2)
+                qt, scale = jnp.swapaxes(wq.q, -1, -2), wq.scale
+            out[path] = Quantized(qt, scale)
+    return out
+
+
+def with_prequantized(params, pre: dict):
+    """``params`` with each leaf that :func:`prequantize_experts` covered replaced by a :class:`Prequantized`."""
+    return jax.tree_util.tree_map_with_path(lambda p, w: Prequantized(w, *pre[p]) if p in pre else w, params)
 
 
 def _untransposed(cols_t: Quantized) -> Quantized:
@@ -428,11 +483,36 @@ def _fp8_grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, spec: _Spec
 
 
 def _fp8_grouped_fwd(x, w, group_sizes, spec):
-    N = w.shape[2]
-    (xq, x_cols_t), (wq, wq_t) = quantize_both(x, spec.pow2), quantize_weight(w, spec.pow2)  # blocks per expert
-    y = grouped_chunked_dot(xq.q, xq.scale, jnp.swapaxes(wq_t, 1, 2), _cols(wq.scale, N), group_sizes,
+    wq, wq_t = quantize_weight(w, spec.pow2)  # blocks per expert
+    return _grouped_fprop(x, wq_t, wq.scale, group_sizes, spec, wq)
+
+
+def _grouped_fprop(x, wq_t, w_scale, group_sizes, spec, wq=None):
+    """Fprop on the weight's E4M3 blocks (q_t [G, N, K], scale [G, Kb, Nb]) → (y, residuals for Dgrad/Wgrad)."""
+    N = wq_t.shape[1]
+    xq, x_cols_t = quantize_both(x, spec.pow2)
+    y = grouped_chunked_dot(xq.q, xq.scale, jnp.swapaxes(wq_t, 1, 2), _cols(w_scale, N), group_sizes,
                             spec.aligned, spec.out_dtype)
+    wq = Quantized(jnp.swapaxes(wq_t, 1, 2), w_scale) if wq is None else wq  # Dgrad reads W [G, K, N]
     return y, (x_cols_t, wq, group_sizes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fp8_grouped_pre(x, w, wq_t, w_scale, group_sizes, spec):
+    return _grouped_fprop(x, wq_t, w_scale, group_sizes, spec)[0]
+
+
+def _fp8_grouped_pre_fwd(x, w, wq_t, w_scale, group_sizes, spec):
+    return _grouped_fprop(x, wq_t, w_scale, group_sizes, spec)  # w itself is not read: only its gradient is made
+
+
+def _fp8_grouped_pre_bwd(spec, res, dy):
+    dx, dw, _ = _fp8_grouped_bwd(spec, res, dy)
+    wq = res[1]
+    return dx, dw, jnp.zeros(wq.q.transpose(0, 2, 1).shape, wq.q.dtype), jnp.zeros_like(wq.scale), None
+
+
+_fp8_grouped_pre.defvjp(_fp8_grouped_pre_fwd, _fp8_grouped_pre_bwd)
 
 
 def _fp8_grouped_bwd(spec, res, dy):
@@ -471,16 +551,20 @@ def _fp8_grouped_bwd(spec, res, dy):
 _fp8_grouped.defvjp(_fp8_grouped_fwd, _fp8_grouped_bwd)
 
 
-def fp8_grouped_matmul(x: jax.Array, w: jax.Array | Quantized, group_sizes: jax.Array, pow2: bool = False,
-                       out_dtype: jnp.dtype | None = None, aligned: bool = False) -> jax.Array:
+def fp8_grouped_matmul(x: jax.Array, w: jax.Array | Quantized | Prequantized, group_sizes: jax.Array,
+                       pow2: bool = False, out_dtype: jnp.dtype | None = None, aligned: bool = False) -> jax.Array:
     """MoE experts in FP8: rows x [M, K] grouped contiguously by ``group_sizes`` [G], w [G, K, N] → [M, N].
 
     Rows per 1×128 tile, each expert's weight per 128×128 block; FP32 promotion every 128 of K. A float ``w``
     is differentiable (Dgrad and Wgrad in FP8 as in :func:`fp8_matmul`); a :class:`Quantized` ``w`` (``q``
     [G, K, N], ``scale`` [G, Kb, Nb]) is served as stored, forward only. ``aligned``: M and every group size are
-    multiples of 128 and rows past the sum are zero (lets ``mgpu`` run its grouped kernels).
+    multiples of 128 and rows past the sum are zero (lets ``mgpu`` run its grouped kernels). A :class:`Prequantized`
+    ``w`` uses its ready E4M3 blocks (same values as quantising ``w.w`` here) and returns ``w.w``'s gradient.
     """
     out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if isinstance(w, Prequantized):  # E4M3 blocks made ahead; gradients still reach the master weight w.w
+        spec = _Spec(pow2, out_dtype, jnp.dtype(x.dtype), jnp.dtype(w.w.dtype), aligned)
+        return _fp8_grouped_pre(x, w.w, w.q_t, w.scale, group_sizes, spec)
     if isinstance(w, Quantized):
         xq = quantize(x, TILE, pow2)
         # served weights: never the mgpu kernels (they would transpose every expert's weight per call)

@@ -20,7 +20,9 @@ from dsv3_jax.kernels import grouped_matmul
 from dsv3_jax.kernels._backend import on_gpu
 from dsv3_jax.layers import MLP, dequantize_weight, dtype_of, fp8_weight_param, logical, normal_init, swiglu
 
-Weight = jax.Array | fp8.Quantized  # expert weights [E, in, out]; Quantized when serving FP8 weights with fp8 on
+# expert weights [E, in, out]; Quantized when serving FP8 weights with fp8 on; Prequantized when an FP8 train step
+# quantised them ahead (fp8.prequantize_experts: only dispatch_ragged reads its blocks, other paths its .w)
+Weight = jax.Array | fp8.Quantized | fp8.Prequantized
 
 
 class Routing(NamedTuple):
@@ -86,7 +88,7 @@ def expert_matmul(a: jax.Array, w: Weight, sizes: jax.Array, impl: str = "auto",
     ``aligned``: groups padded to multiples of 128 rows (:func:`aligned_layout`), for the FP8 Hopper kernels.
     """
     if fp8_pow2 is None:
-        return grouped_matmul(a, w, sizes, impl)
+        return grouped_matmul(a, w.w if isinstance(w, fp8.Prequantized) else w, sizes, impl)
     return fp8.fp8_grouped_matmul(a, w, sizes, fp8_pow2, aligned=aligned)
 
 
@@ -276,18 +278,19 @@ class MoE(nn.Module):
             ws = [self.param(n, nn.with_logical_partitioning(init, a), s, pdt) for n, (s, a) in shapes.items()]
         w_gate, w_up, w_down = ws
         fp8_pow2 = c.fp8_pow2_scales if c.fp8 else None
+        master = [w.w if isinstance(w, fp8.Prequantized) else w for w in ws]  # for paths other than ragged
 
         xf = x.reshape(B * T, d)
         logits = jnp.dot(xf.astype(jnp.float32), gate_w.astype(jnp.float32))  # gate in f32 (REFERENCE §12)
         r = route(logits, bias, c)
         if (override := _DISPATCH.get()) is not None:
-            y = override(xf, r, w_gate, w_up, w_down, fp8_pow2=fp8_pow2)
+            y = override(xf, r, *master, fp8_pow2=fp8_pow2)
         elif c.moe_impl == "dense":
-            y = dispatch_dense(xf, r, w_gate, w_up, w_down, fp8_pow2)
+            y = dispatch_dense(xf, r, *master, fp8_pow2)
         elif c.moe_impl == "gather" or (c.moe_impl == "auto" and fp8_pow2 is None and on_gpu()
                                         and not isinstance(w_gate, fp8.Quantized)
                                         and B * T * c.num_experts_per_tok <= min(GATHER_MAX_COPIES, E)):
-            y = dispatch_gather(xf, r, w_gate, w_up, w_down)
+            y = dispatch_gather(xf, r, *master)
         else:
             y = dispatch_ragged(xf, r, w_gate, w_up, w_down, "auto" if c.moe_impl == "ragged" else c.moe_impl,
                                 fp8_pow2=fp8_pow2)

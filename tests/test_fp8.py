@@ -451,6 +451,24 @@ def test_aligned_expert_layout_reproduces_fp32_autodiff(runs, monkeypatch):
                                    err_msg=jax.tree_util.keystr(path))
 
 
+def test_prequantized_experts_give_the_online_loss_and_grads(runs):
+    """The train step's expert weights quantised ahead (fp8.prequantize_experts, once per step outside the layer
+    scan) give the same loss and gradients as quantising inside each layer: same blocks, and the master weights'
+    gradients still come back through the FP8 GEMMs."""
+    v, tokens, out = runs
+    cfg = dataclasses.replace(MODEL_CFG, fp8=True)
+    pre = fp8.prequantize_experts(v["params"])
+    paths = {jax.tree_util.keystr(p) for p in pre}
+    assert len(pre) == 6 and all(p.endswith(("['gate_proj']", "['up_proj']", "['down_proj']")) for p in paths)
+    loss, grads = jax.jit(jax.value_and_grad(
+        lambda p: _loss(cfg, v, fp8.with_prequantized(p, pre), tokens)))(v["params"])
+    np.testing.assert_allclose(float(loss), out["fp8"][0][0], rtol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(out["fp8"][1])[0], jax.tree.leaves(grads),
+                            strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * float(np.abs(a).max()) + 1e-12,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Serving FP8 weights
 # ---------------------------------------------------------------------------------------------------------

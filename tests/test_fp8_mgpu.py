@@ -137,8 +137,9 @@ def test_aligned_dispatch_equals_unaligned():
 
 
 def test_mgpu_training_path_equals_emulate(monkeypatch):
-    """``DSV3_FP8_GEMM=mgpu``: MoE experts on the aligned layout (grouped Fprop/Dgrad, k-grouped Wgrad) and a
-    Linear (dense Fprop/Dgrad/Wgrad) give the emulation's values and gradients (same layout, same tiles)."""
+    """``DSV3_FP8_GEMM=mgpu``: MoE experts on the aligned layout (grouped Fprop/Dgrad, k-grouped Wgrad), also with
+    their weights quantised ahead as the train step does, and a Linear (dense Fprop/Dgrad/Wgrad) give the
+    emulation's values and gradients (same layout, same tiles)."""
     x, r, ws = _moe_case()
     w = jax.random.normal(jax.random.key(9), (256, 256)) * 0.05
 
@@ -148,11 +149,19 @@ def test_mgpu_training_path_equals_emulate(monkeypatch):
     def lin_fn(x, w):
         return fp8.fp8_matmul(x, w)
 
+    def moe_pre_fn(x, ws):  # the train step's way: expert blocks quantised ahead (the fused weight kernel here)
+        params = dict(zip(fp8.EXPERT_WEIGHTS, ws))
+        pre = fp8.with_prequantized(params, fp8.prequantize_experts(params))
+        assert all(isinstance(w, fp8.Prequantized) for w in pre.values())
+        return moe_fn(x, [pre[k] for k in fp8.EXPERT_WEIGHTS])
+
     ref = [_value_and_grads(moe_fn, x, ws), _value_and_grads(lin_fn, x, w)]
     monkeypatch.setenv("DSV3_FP8_GEMM", "mgpu")
     assert fp8.gemm_mode() == "mgpu" and fp8.aligned_groups()
     got = [_value_and_grads(lambda x, ws: moe_fn(x, ws), x, ws), _value_and_grads(lambda x, w: lin_fn(x, w), x, w)]
-    for (y1, g1), (y0, g0) in zip(got, ref):
+    got.append(_value_and_grads(moe_pre_fn, x, ws))
+    ref.append(ref[0])
+    for (y1, g1), (y0, g0) in zip(got, ref, strict=True):
         _close(y1, y0, 1e-5)
         for a, b in zip(g1, g0):
             _close(a, b, 1e-4)

@@ -219,6 +219,27 @@ def test_loss_falls_on_a_repeating_batch():
     assert np.abs(bias).max() > 0 and np.allclose(bias / 1e-3, np.round(bias / 1e-3), atol=1e-3)
 
 
+def test_fp8_step_prequantizes_experts_and_matches_online_quantisation(monkeypatch):
+    """``train.precision=fp8``: the step quantises the routed experts once, ahead of the layer scan
+    (fp8.prequantize_experts); its update equals the one with every layer quantising its own weights."""
+    from dsv3_jax import fp8
+
+    cfg = tiny_cfg("runs/test", "train.precision=fp8")
+    tokens = np.random.default_rng(0).integers(0, 256, (1, 4, 17)).astype(np.int32)
+    calls = []
+    real = fp8.prequantize_experts
+    monkeypatch.setattr(fp8, "prequantize_experts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ahead, m_ahead = train_step(init_state(cfg), tokens, cfg)
+    assert calls
+    monkeypatch.setattr(fp8, "prequantize_experts", lambda *a, **k: calls.append(0) or {})  # layers quantise
+    jax.clear_caches()  # the step is jitted: retrace it with the patched function
+    online, m_online = train_step(init_state(cfg), tokens, cfg)
+    assert calls[-1] == 0
+    for k in ("loss", "ce", "mtp_loss", "grad_norm"):
+        np.testing.assert_allclose(m_ahead[k], m_online[k], rtol=1e-5, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), ahead.params, online.params)
+
+
 @pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch():
     """The batch ramp's mechanism: n micro-batches of m sequences = one batch of n·m (same update)."""

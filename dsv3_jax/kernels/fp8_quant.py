@@ -88,20 +88,22 @@ def quantize_rows_and_cols(x: jax.Array, q_dtype=jnp.float8_e4m3fn, *, num_warps
     )(x)
 
 
-def _weight_kernel(w_ref, q_ref, qt_ref, s_ref):
+def _weight_kernel(w_ref, *out_refs):
+    *q_ref, qt_ref, s_ref = out_refs  # q_ref: [] when only the transposed layout is asked for
     w = w_ref[...].astype(jnp.float32)  # one [128, 128] block
     amax = jnp.max(jnp.max(jnp.abs(w), axis=1, keepdims=True), axis=0, keepdims=True)  # [1, 1]
-    q, s = _quant(w, amax, q_ref.dtype)
-    q_ref[...] = q
+    q, s = _quant(w, amax, qt_ref.dtype)
+    if q_ref:
+        q_ref[0][...] = q
     qt_ref[...] = jnp.clip(w.T / s, -E4M3_MAX, E4M3_MAX).astype(qt_ref.dtype)
     s_ref[...] = s
 
 
-@functools.partial(jax.jit, static_argnames=("q_dtype", "num_warps", "interpret"))
-def quantize_weight_blocks(w: jax.Array, q_dtype=jnp.float8_e4m3fn, *, num_warps: int = 4,
-                           interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("q_dtype", "transposed_only", "num_warps", "interpret"))
+def quantize_weight_blocks(w: jax.Array, q_dtype=jnp.float8_e4m3fn, *, transposed_only: bool = False,
+                           num_warps: int = 4, interpret: bool = False) -> tuple[jax.Array, ...]:
     """w [G, K, N] (f32/bf16, K and N multiples of 128) → (q [G, K, N], qt [G, N, K], scale [G, K/128, N/128]):
-    128×128 blocks, ``w ≈ q · scale[block]`` and ``wᵀ ≈ qt · scaleᵀ[block]``."""
+    128×128 blocks, ``w ≈ q · scale[block]`` and ``wᵀ ≈ qt · scaleᵀ[block]``. ``transposed_only``: (qt, scale)."""
     if not supported(w, 3):
         raise ValueError(f"fused FP8 weight quantisation needs a [G, K, N] bf16/f32 array with K and N multiples "
                          f"of {BLOCK}, got {w.dtype} {w.shape}")
@@ -113,12 +115,12 @@ def quantize_weight_blocks(w: jax.Array, q_dtype=jnp.float8_e4m3fn, *, num_warps
         grid=(G, Kb, Nb),
         in_specs=[pl.BlockSpec(blk, lambda g, i, j: (g, i, j))],
         out_specs=[
-            pl.BlockSpec(blk, lambda g, i, j: (g, i, j)),
+            *([] if transposed_only else [pl.BlockSpec(blk, lambda g, i, j: (g, i, j))]),
             pl.BlockSpec(blk, lambda g, i, j: (g, j, i)),
             pl.BlockSpec((None, 1, 1), lambda g, i, j: (g, i, j)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((G, K, N), q_dtype),
+            *([] if transposed_only else [jax.ShapeDtypeStruct((G, K, N), q_dtype)]),
             jax.ShapeDtypeStruct((G, N, K), q_dtype),
             jax.ShapeDtypeStruct((G, Kb, Nb), jnp.float32),
         ],

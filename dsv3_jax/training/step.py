@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax import fp8
 from dsv3_jax.config import Config, ModelConfig, TrainConfig
 from dsv3_jax.model import Transformer, init_variables
 from dsv3_jax.training import optim
@@ -130,9 +131,13 @@ def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_c
     """tokens [n, mb, T+1] int32 → (params, router, opt_state, rng, metrics). Compiled once per (configs, n)."""
     model = Transformer(model_cfg)
     E, D = model_cfg.n_routed_experts, model_cfg.num_nextn_predict_layers
+    # FP8: the routed experts' E4M3 blocks once per step, outside the layer scan and the micro-batch loop
+    # (fp8.prequantize_experts); the GEMMs read them and still return the master weights' gradients.
+    pre = (fp8.prequantize_experts(params, model_cfg.fp8_pow2_scales)
+           if model_cfg.fp8 and not model_cfg.fp8_weights else {})
 
     def loss_fn(p, tok):
-        out = model.apply({"params": p, "router": router}, tok[:, :-1])
+        out = model.apply({"params": fp8.with_prequantized(p, pre) if pre else p, "router": router}, tok[:, :-1])
         losses = compute_losses(out, tok, hyper.mtp_lambda, balance_alpha)
         return losses.total, (losses, out.expert_load, out.mtp_expert_load)
 
