@@ -173,19 +173,23 @@ def quantize_weight(w: jax.Array, pow2: bool = False) -> tuple[Quantized, jax.Ar
     a transpose. Same values either way. ``DSV3_FP8_WEIGHT_KERNEL=0`` keeps XLA here (for A/B timing: inside the
     layer scan the kernel costs a copy of each weight slice, and still wins; BENCHMARKS.md).
     """
-    if _weight_kernel(w, pow2):
-        lead = w.shape[:-2]
-        q, qt, scale = fp8_quant.quantize_weight_blocks(w.reshape(-1, *w.shape[-2:]), E4M3_JNP,
-                                                        interpret=not on_gpu())
-        return (Quantized(q.reshape(w.shape), scale.reshape(*lead, *scale.shape[1:])),
-                qt.reshape(*lead, *qt.shape[1:]))
-    wq = quantize(w, WEIGHT, pow2)
-    return wq, jnp.swapaxes(wq.q, -1, -2)
+    q, qt, scale = _weight_blocks(w, pow2, transposed_only=False)
+    return Quantized(q, scale), qt
 
 
-def _weight_kernel(w: jax.Array, pow2: bool) -> bool:
-    return (os.environ.get("DSV3_FP8_WEIGHT_KERNEL", "1") == "1" and gemm_mode() == "mgpu" and not pow2
-            and w.ndim >= 2 and fp8_quant.supported(w.reshape(-1, *w.shape[-2:]), 3))
+def _weight_blocks(w: jax.Array, pow2: bool, transposed_only: bool) -> tuple[jax.Array | None, jax.Array, jax.Array]:
+    """w [..., K, N] → (q [..., K, N] or None if ``transposed_only``, qt [..., N, K], scale [..., K/128, N/128])."""
+    lead = w.shape[:-2]
+    w3 = w.reshape(-1, *w.shape[-2:])
+    if (os.environ.get("DSV3_FP8_WEIGHT_KERNEL", "1") == "1" and gemm_mode() == "mgpu" and not pow2
+            and fp8_quant.supported(w3, 3)):
+        *q, qt, scale = fp8_quant.quantize_weight_blocks(w3, E4M3_JNP, transposed_only=transposed_only,
+                                                         interpret=not on_gpu())
+        q = q[0].reshape(w.shape) if q else None
+    else:
+        wq = quantize(w3, WEIGHT, pow2)
+        q, qt, scale = (None if transposed_only else wq.q.reshape(w.shape)), jnp.swapaxes(wq.q, -1, -2), wq.scale
+    return q, qt.reshape(*lead, *qt.shape[1:]), scale.reshape(*lead, *scale.shape[1:])
 
 
 class Prequantized(NamedTuple):
@@ -221,15 +225,8 @@ def prequantize_experts(params, pow2: bool = False) -> dict:
     out = {}
     for path, w in jax.tree_util.tree_leaves_with_path(params):
         if _expert_leaf(path, w):
-            w = jax.lax.stop_gradient(w)  # gradient-free (and the Pallas kernel has no JVP to trace)
-            if _weight_kernel(w, pow2):
-                qt, scale = fp8_quant.quantize_weight_blocks(w.reshape(-1, *w.shape[-2:]), E4M3_JNP,
-                                                             transposed_only=True, interpret=not on_gpu())
-                qt = qt.reshape(*w.shape[:-2], *qt.shape[1:])
-                scale = scale.reshape(*w.shape[:-2], *scale.shape[1:])
-            else:
-                wq = quantize(w, WEIGHT, pow2)
-                qt, scale = jnp.swapaxes(wq.q, -1, -2), wq.scale
+            # gradient-free (and the Pallas kernel has no JVP to trace)
+            _, qt, scale = _weight_blocks(jax.lax.stop_gradient(w), pow2, transposed_only=True)
             out[path] = Quantized(qt, scale)
     return out
 
@@ -508,8 +505,8 @@ def _fp8_grouped_pre_fwd(x, w, wq_t, w_scale, group_sizes, spec):
 
 def _fp8_grouped_pre_bwd(spec, res, dy):
     dx, dw, _ = _fp8_grouped_bwd(spec, res, dy)
-    wq = res[1]
-    return dx, dw, jnp.zeros(wq.q.transpose(0, 2, 1).shape, wq.q.dtype), jnp.zeros_like(wq.scale), None
+    G, K, N = res[1].q.shape
+    return dx, dw, jnp.zeros((G, N, K), res[1].q.dtype), jnp.zeros_like(res[1].scale), None  # q_t, scale: none
 
 
 _fp8_grouped_pre.defvjp(_fp8_grouped_pre_fwd, _fp8_grouped_pre_bwd)
