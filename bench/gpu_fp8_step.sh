@@ -6,6 +6,8 @@
 #   bash bench/gpu_fp8_step.sh gap [STEPS]      # the BF16-vs-FP8 loss-gap run (bench/gpu_fp8_gap.sh; carry .tok)
 #   bash bench/gpu_fp8_step.sh quant [LAYERS]   # the fused quantisation kernels vs XLA, a profiled 6-layer FP8 step
 #                                               # (trace + optimised HLO in $OUT/prof_fp8.tgz), the steps as `steps`
+#   bash bench/gpu_fp8_step.sh wk [LAYERS]      # warps sweep; the fused weight quantiser on vs off at 6 layers
+#                                               # (DSV3_FP8_WEIGHT_KERNEL), then LAYERS with the faster, and BF16
 # Results in $OUT; carry .whl.
 set -uo pipefail
 WHAT=${1:-steps}
@@ -51,5 +53,5 @@ case "$WHAT" in
     run train_L${LAYERS}_bf16 --layers "$LAYERS" ;;
   gap)
     LIMIT=${GAP_LIMIT:-190} bash bench/gpu_fp8_gap.sh "${2:-600}" ;;
-  *) echo "usage: bash bench/gpu_fp8_step.sh steps|profile|quant|gap [N]" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_fp8_step.sh steps|profile|quant|wk|gap [N]" >&2; exit 2 ;;
 esac
