@@ -88,7 +88,7 @@ def expert_matmul(a: jax.Array, w: Weight, sizes: jax.Array, impl: str = "auto",
     ``aligned``: groups padded to multiples of 128 rows (:func:`aligned_layout`), for the FP8 Hopper kernels.
     """
     if fp8_pow2 is None:
-        return grouped_matmul(a, w.w if isinstance(w, fp8.Prequantized) else w, sizes, impl)
+        return grouped_matmul(a, w, sizes, impl)
     return fp8.fp8_grouped_matmul(a, w, sizes, fp8_pow2, aligned=aligned)
 
 
