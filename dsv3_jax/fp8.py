@@ -85,7 +85,7 @@ def quantize_blocks(w: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.n
 TILE = (1, BLOCK)
 COL_TILE = (BLOCK, 1)
 WEIGHT = (BLOCK, BLOCK)
-AMAX_FLOOR = 1e-4  # the official kernels' floor: an all-zero tile still gets a finite scale
+AMAX_FLOOR = fp8_quant.AMAX_FLOOR  # the official kernels' floor: an all-zero tile still gets a finite scale
 E4M3_JNP = jnp.float8_e4m3fn  # tests swap in float32 to check the plumbing with a lossless cast
 
 
@@ -104,8 +104,9 @@ class Quantized(NamedTuple):
 
 
 def fp8_scale(amax: jax.Array, pow2: bool = False) -> jax.Array:
-    """``max(amax, 1e-4) / 448``; ``pow2`` rounds up to a power of two (UE8M0 scales, V3.1+ kernels)."""
-    s = jnp.maximum(amax.astype(jnp.float32), AMAX_FLOOR) / E4M3_MAX
+    """``max(amax, 1e-4) · (1/448)`` (:func:`fp8_quant.linear_scale`, shared with the fused kernels so both give
+    the same bits); ``pow2`` rounds up to a power of two (UE8M0 scales, V3.1+ kernels)."""
+    s = fp8_quant.linear_scale(amax)
     if pow2:
         m, e = jnp.frexp(s)  # s = m · 2^e with m in [0.5, 1): exact, unlike ceil(log2(s))
         s = jnp.ldexp(jnp.ones_like(s), jnp.where(m == 0.5, e - 1, e))
@@ -124,7 +125,7 @@ def expand_scale(scale: jax.Array, block: tuple[int, int], shape: tuple[int, int
 
 
 def quantize(x: jax.Array, block: tuple[int, int] = TILE, pow2: bool = False) -> Quantized:
-    """Quantise the last two dims [R, C] of ``x`` to E4M3 with one online scale per ``block`` (amax / 448).
+    """Quantise the last two dims [R, C] of ``x`` to E4M3 with one online scale per ``block`` (:func:`fp8_scale`).
 
     R and C need not be multiples of the block: edges are zero-padded for the amax and cropped after.
     """

@@ -33,7 +33,7 @@ CI = ROOT / ".ci" / "run"
 COVERAGE: tuple[tuple[str, str, str], ...] = (
     ("python3.12 -m venv .venv", "ci", "-m venv .venv"),
     (". .venv/bin/activate", "ci", ". .venv/bin/activate"),
-    ('pip install -e ".[dev]"', "ci", 'pip install -q -e ".[dev]"'),
+    ('pip install -e ".[dev]" -c constraints.txt', "ci", 'pip install -q -e ".[dev]" -c constraints.txt'),
     ("python -m pytest -q", "ci", "python -m pytest -q"),
     # All three `train.py --config configs/tiny.yaml` commands: the test runs the own-data one (the others differ
     # only in overrides; the default stdlib corpus and its BPE are exercised by notebooks/quickstart.ipynb).
@@ -142,6 +142,30 @@ def test_every_readme_command_is_exercised():
             path, name = target.split("::")
             src = (ROOT / path).read_text()
             assert re.search(rf"^def {name}\(", src, re.MULTILINE), f"{target} (exercising {prefix!r}) does not exist"
+
+
+def _dist_name(requirement: str) -> str:
+    """'jax[cuda13]>=0.11.2' → 'jax'; names compared as pip normalises them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.\-]+", requirement).group(0)).lower()
+
+
+def test_constraints_pin_every_dependency():
+    """The pinned set (constraints.txt, used by the README's install and .ci/run) names an exact version for each
+    runtime and dev dependency of pyproject.toml, and each pin satisfies pyproject's lower bound."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[_dist_name(name)] = version.strip()
+    for req in [*project["dependencies"], *project["optional-dependencies"]["dev"]]:
+        r = Requirement(req)
+        assert _dist_name(r.name) in pins, f"constraints.txt does not pin {r.name}"
+        assert r.specifier.contains(pins[_dist_name(r.name)]), f"{r.name}=={pins[_dist_name(r.name)]} breaks {req}"
 
 
 def test_config_reference_is_current(capsys):

@@ -182,7 +182,7 @@ def test_fused_quantize_equals_quantize(dtype):
     np.testing.assert_array_equal(f32(s.T), f32(rows.scale))
     np.testing.assert_array_equal(f32(qt.T), f32(cols.q))
     np.testing.assert_array_equal(f32(st), f32(cols.scale))
-    assert np.abs(f32(q)).max() == 448 and (f32(s.T)[:128, 1] == np.float32(1e-4) / 448).all()
+    assert np.abs(f32(q)).max() == 448 and (f32(s.T)[:128, 1] == np.float32(1e-4) * np.float32(1 / 448)).all()
 
 
 def test_fused_weight_quantize_equals_quantize():

@@ -22,7 +22,6 @@ M, N and K must be multiples of 128 (the wrappers pad the others; grouped rows m
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -44,12 +43,10 @@ def _interpret_params():
     return _mgpu().InterpretGPUParams()  # Mosaic GPU's CPU interpreter (the tests)
 
 
-def _transposed(plgpu, ref):
-    """Bᵀ view of a K-major [N, K] shared-memory tile for WGMMA (``transpose_ref``: deprecated after jax 0.11,
-    where ``ref.transpose`` replaces it; jax 0.11 is what the H100 image runs)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return plgpu.transpose_ref(ref, (1, 0))
+def _transposed(ref):
+    """Bᵀ view of a K-major [N, K] shared-memory tile for WGMMA. ``ref.transpose`` exists from jax 0.11.2 (the
+    GPU image) on; ``plgpu.transpose_ref``, its predecessor, was removed in jax 0.12.1."""
+    return ref.transpose((1, 0))
 
 
 def _num_sms() -> int:
@@ -156,7 +153,7 @@ def _kernel(*refs, out_dtype, max_concurrent_steps: int, b_block: bool, overlap:
                     store(acc, out_gmem.at[m_sl, n_sl])
 
             def body(idx, a_smem, bt_smem, sa_smem, sb_smem, carry):
-                b_t = _transposed(plgpu, bt_smem)
+                b_t = _transposed(bt_smem)
                 if overlap:  # promote the previous chunk while this chunk's MMA runs
                     acc, prev, sa_p, sb_p = carry
 

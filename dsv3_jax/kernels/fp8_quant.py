@@ -14,9 +14,9 @@ Weights (:func:`quantize_weight_blocks`) get one scale per 128×128 block and co
 read: ``w [..., K, N]`` as stored (Dgrad contracts N) and ``wᵀ [..., N, K]`` (Fprop contracts K), again from one
 read of the FP32 master weight.
 
-Scales are ``max(amax, 1e-4) / 448`` and values are clipped to ±448 before the cast, as :func:`dsv3_jax.fp8.quantize`
-does (that function is the reference the tests hold this kernel to). Off the GPU the kernel runs in Pallas'
-interpreter.
+Scales are ``max(amax, 1e-4) · (1/448)`` (:func:`linear_scale`) and values are clipped to ±448 before the cast,
+as :func:`dsv3_jax.fp8.quantize` does (that function is the reference the tests hold this kernel to). Off the GPU
+the kernel runs in Pallas' interpreter.
 """
 
 from __future__ import annotations
@@ -25,16 +25,27 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 BLOCK = 128
 E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-4
+# The scale is amax × (1/448) with the reciprocal rounded to float32 once, here: a single rounded multiply gives
+# the same bits under every compiler. ``amax / 448`` does not: XLA rewrites a division by a constant into a
+# multiply by its reciprocal in some fusions and not in others (jax 0.11 and 0.12 differ in which), so two paths
+# that both wrote ``/ 448`` disagreed in the last bit of the scale.
+INV_E4M3_MAX = np.float32(1.0 / E4M3_MAX)
+
+
+def linear_scale(amax: jax.Array) -> jax.Array:
+    """The dequantising scale of a tile or block: ``max(amax, 1e-4) · (1/448)`` in float32."""
+    return jnp.maximum(amax.astype(jnp.float32), AMAX_FLOOR) * INV_E4M3_MAX
 
 
 def _quant(x: jax.Array, amax: jax.Array, out_dtype) -> tuple[jax.Array, jax.Array]:
-    s = jnp.maximum(amax, AMAX_FLOOR) / E4M3_MAX
+    s = linear_scale(amax)
     return jnp.clip(x / s, -E4M3_MAX, E4M3_MAX).astype(out_dtype), s
 
 
