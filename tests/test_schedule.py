@@ -125,3 +125,13 @@ def test_plot_schedule(tmp_path):
     assert [w.name for w in written] == ["schedule.png"] and written[0].stat().st_size > 10_000
     with pytest.raises(SystemExit):
         plot.main(["--schedule", str(tmp_path / "missing.yaml")])
+
+
+def test_readme_printer_command(capsys):
+    from tests.test_docs import readme_argv
+
+    argv = readme_argv("python -m dsv3_jax.training.schedule")[3:]  # after "python -m dsv3_jax.training.schedule"
+    assert "--json" in argv and main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["tokens"] for r in rows] == [0, 300 * B, 12 * T, 14_400 * B, 14_750 * B]
+    assert rows[-1]["lr"] == pytest.approx(7.3e-6)
