@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -69,10 +70,10 @@ def test_671b_batch_ramp_is_gradual(capsys):
     starts = [m for m in s.milestones() if m <= 469 * B]
     sizes = [s.batch_size(m) for m in starts]
     assert sizes == sorted(set(sizes)) and sizes[0] == 3072 and sizes[-1] == 15360 and len(sizes) >= 16
-    assert max(b - a for a, b in zip(starts, starts[1:])) <= 30 * B
+    assert max(b - a for a, b in pairwise(starts)) <= 30 * B
     batch_shards = load_config(PRETRAIN).mesh.data * load_config(PRETRAIN).mesh.expert
     assert batch_shards == 128 and all(b % batch_shards == 0 for b in sizes)
-    assert all(s.batch_size(a) == s.batch_size(b - 1) for a, b in zip(starts, starts[1:]))  # flat inside a level
+    assert all(s.batch_size(a) == s.batch_size(b - 1) for a, b in pairwise(starts))  # flat inside a level
     assert s.micro_batch_size % (load_config(PRETRAIN).mesh.pipeline_microbatches * batch_shards) == 0
 
 

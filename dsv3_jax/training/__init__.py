@@ -22,4 +22,5 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
 
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["Checkpointer", "Diverged", "RunResult", "Schedule", "TrainState", "eval_loss", "init_state",
+           "restore_params", "train", "train_step"]
