@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from dsv3_jax.training.optim import micro_batch_size
+        from dsv3_jax.training.schedule import Schedule
 
-        micro_batch_size(cfg.train)  # batch sizes checked before any data or model work
+        Schedule(cfg)  # batch sizes and run length checked before any data or model work
     except ConfigError as e:
         return _error(str(e), 2)
 

@@ -161,13 +161,13 @@ def main(argv: list[str] | None = None) -> int:
 def _memory_only(cfg, mb: int, seq: int) -> int:
     """Lower + compile the train step on abstract inputs and print the compiled memory footprint."""
     from dsv3_jax.training import optim
-    from dsv3_jax.training.step import _train_core, init_state, schedule, training_model_config
+    from dsv3_jax.training.step import _train_core, hyper_at, init_state, training_model_config
 
     t0 = time.perf_counter()
     state = jax.eval_shape(lambda: init_state(cfg))
     tokens = jax.ShapeDtypeStruct((1, mb, seq + 1), np.int32)
     compiled = _train_core.lower(
-        state.params, state.router, state.opt_state, state.rng, tokens, schedule(cfg.train, 0, 0),
+        state.params, state.router, state.opt_state, state.rng, tokens, hyper_at(cfg, 0, 0),
         model_cfg=training_model_config(cfg), opt=optim.OptimSettings.from_train(cfg.train),
         balance_alpha=cfg.train.balance_alpha).compile()
     ma = compiled.memory_analysis()

@@ -242,17 +242,20 @@ class MeshConfig:
 class TrainConfig:
     """Optimisation recipe (REFERENCE §5, §6, §9). Token counts are in tokens, LR values absolute."""
 
-    steps: int = 200  # optimizer steps to run (resuming counts the steps already done)
+    steps: int = 200  # optimizer steps to run (resuming counts the steps already done); 0 = until train.tokens
+    tokens: float = math.inf  # run length in tokens: the run also ends once it has seen this many
     global_batch_size: int = 8  # sequences per step (after the batch ramp)
     micro_batch_size: int | None = None  # None = no gradient accumulation
     batch_ramp_start: int | None = None  # sequences per step at token 0; None = no ramp
     batch_ramp_tokens: int = 0  # tokens over which the batch ramps to global_batch_size
-    batch_ramp_levels: int = 8  # distinct batch sizes during the ramp (each compiles one step variant)
+    batch_ramp_levels: int = 8  # equal token intervals of the ramp (each batch size compiles one step variant)
     lr: float = 2.2e-4  # peak learning rate
     warmup_steps: int = 20  # linear warm-up to lr over these steps
     lr_constant_tokens: float = 0.0  # after warm-up, hold lr until this many tokens
     lr_decay_tokens: float = 0.0  # cosine to lr_final over this many tokens (0 = no decay)
     lr_final: float = 2.2e-5  # learning rate at the end of the cosine decay (and after it)
+    lr_final_tokens: float = math.inf  # tokens held at lr_final after the cosine, then lr_tail
+    lr_tail: float | None = None  # learning rate after lr_final_tokens (the report's last 167B: 7.3e-6); null = none
     adam_b1: float = 0.9  # AdamW β1
     adam_b2: float = 0.95  # AdamW β2
     adam_eps: float = 1e-8  # AdamW ε

@@ -1,8 +1,12 @@
-"""Plots of a training run: ``python -m dsv3_jax.plot RUN_DIR [--out DIR]``.
+"""Plots of a training run, or of a config's schedule before the run.
 
-Reads ``RUN_DIR/metrics.jsonl`` and ``expert_load.jsonl`` (written by the train loop) and writes
+    python -m dsv3_jax.plot RUN_DIR [--out DIR]
+    python -m dsv3_jax.plot --schedule CONFIG [--out DIR]
+
+A run: reads ``RUN_DIR/metrics.jsonl`` and ``expert_load.jsonl`` (written by the train loop) and writes
 loss.png (loss, CE, MTP, eval), lr.png, throughput.png (tokens/s, MFU) and expert_load.png (per-expert load
 relative to the mean at the last logged step, layers × experts, and MaxVio per layer over training).
+A schedule: schedule.png — LR, batch size, MTP λ and γ against tokens (``dsv3_jax.training.schedule``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from dsv3_jax.config import ConfigError
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
@@ -99,14 +105,54 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     return written
 
 
+def plot_schedule(config: str | Path, out_dir: str | Path = ".", points: int = 2000) -> Path:
+    """schedule.png: LR, batch size, MTP λ and bias update speed γ over the run's tokens. Returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dsv3_jax.config import load_config
+    from dsv3_jax.training.schedule import Schedule
+
+    sched = Schedule(load_config(config))
+    t = sched.train
+    end = int(t.tokens) if t.tokens < float("inf") else sched.total_steps * sched.batch_size(0) * sched.seq_len
+    xs = sorted({end * i // points for i in range(points + 1)} | set(sched.milestones()) |
+                {max(m - 1, 0) for m in sched.milestones()})  # both sides of every step of the schedule
+    rows = [sched.at(x) for x in xs]
+    rope = rows[0].rope_scaling
+    fig, axes = plt.subplots(4, 1, figsize=(8, 9), sharex=True)
+    for ax, key, label in zip(axes, ("lr", "batch_size", "mtp_lambda", "bias_update_speed"),
+                              ("learning rate", "batch (sequences)", "MTP λ", "bias update speed γ")):
+        ax.plot([x / 1e12 for x in xs], [getattr(r, key) for r in rows], drawstyle="steps-post")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("tokens (T)")
+    axes[0].set_title(f"{Path(config).name}: RoPE scaling "
+                      f"{'none' if rope is None else f'YaRN s={rope.factor:g}'}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out / "schedule.png", dpi=110)
+    plt.close(fig)
+    return out / "schedule.png"
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run_dir")
-    p.add_argument("--out", help="where to write the PNGs (default: the run dir)")
+    p.add_argument("run_dir", nargs="?", help="a training run dir (with metrics.jsonl)")
+    p.add_argument("--schedule", metavar="CONFIG", help="plot this config's schedule instead of a run")
+    p.add_argument("--out", help="where to write the PNGs (default: the run dir; for --schedule the current dir)")
     args = p.parse_args(argv)
+    if (args.run_dir is None) == (args.schedule is None):
+        p.error("give a RUN_DIR or --schedule CONFIG (one of them)")
     try:
-        written = plot_run(args.run_dir, args.out)
-    except FileNotFoundError as e:
+        if args.schedule:
+            written = [plot_schedule(args.schedule, args.out or ".")]
+        else:
+            written = plot_run(args.run_dir, args.out)
+    except (FileNotFoundError, ConfigError) as e:
         print(f"plot: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     for w in written:

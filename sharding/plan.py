@@ -189,10 +189,10 @@ class Knobs:
 
 
 def _batch(cfg: Config, sizes: dict[str, int]) -> dict[str, Any]:
-    from dsv3_jax.training.optim import micro_batch_size
+    from dsv3_jax.training.schedule import Schedule
 
     t, m = cfg.train, cfg.model
-    mb = micro_batch_size(t)
+    mb = Schedule(cfg).micro_batch_size
     n_acc = t.global_batch_size // mb
     Nb = math.prod(sizes[a] for a in BATCH)
     S = sizes["pipeline"]

@@ -30,7 +30,11 @@ def test_shipped_configs_load(name):
 
 def test_671b_is_the_official_model():
     m = load_config(CONFIGS / "deepseek_v3_671b.yaml").model
-    assert dataclasses.replace(m, remat="none") == ModelConfig()  # ModelConfig's defaults are the official values
+    # ModelConfig's defaults are the released checkpoint's values; pre-training differs only in running at 4K with
+    # plain RoPE (YaRN comes with the context extension, REFERENCE §3).
+    assert m.rope_scaling is None and m.max_position_embeddings == 4096
+    assert dataclasses.replace(m, remat="none", rope_scaling=ModelConfig().rope_scaling,
+                               max_position_embeddings=163840) == ModelConfig()
     counts = m.param_counts()
     assert round(counts["total"] / 1e9) == 671  # README_WEIGHTS: 671B
     assert 36e9 < counts["active"] < 38e9  # 37B activated
@@ -92,14 +96,18 @@ def test_hf_transformers5_rope_parameters():
 
 
 def test_context_extension_stages_follow_the_report():
-    from dsv3_jax.training.optim import learning_rate
+    from dsv3_jax.training.schedule import Schedule
 
     base = load_config(CONFIGS / "deepseek_v3_671b.yaml")
     for name, seq, batch in (("ext32k", 32768, 1920), ("ext128k", 131072, 480)):
         c = load_config(CONFIGS / f"deepseek_v3_671b_{name}.yaml")
         assert (c.data.seq_len, c.train.global_batch_size, c.train.steps) == (seq, batch, 1000)
-        assert c.model == base.model  # same architecture and YaRN (s=40, β=32, α=1) as the base
-        assert learning_rate(c.train, 0, 0) == learning_rate(c.train, 999, 10 ** 13) == pytest.approx(7.3e-6)
+        # YaRN s=40, β=32, α=1 switched on: the model is the released checkpoint's, the same architecture as the base
+        assert dataclasses.replace(c.model, remat="none") == ModelConfig()
+        assert dataclasses.replace(c.model, rope_scaling=None, max_position_embeddings=4096) == base.model
+        s = Schedule(c)
+        assert s.total_steps == 1000 and s.batch_size(0) == batch
+        assert s.learning_rate(0, 0) == s.learning_rate(999, 10 ** 13) == pytest.approx(7.3e-6)
 
 
 def test_base_chain(tmp_path):

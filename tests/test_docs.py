@@ -41,6 +41,8 @@ COVERAGE: tuple[tuple[str, str, str], ...] = (
     ("python train.py --config configs/tiny.yaml model.num_hidden_layers=5 mesh.", "test",
      "tests/test_sharding.py::test_train_steps_match_one_device"),  # the same mesh through train(), 8 CPUs
     ("python -m dsv3_jax.plot", "test", "tests/test_docs.py::test_readme_train_plot_serve"),
+    ("python -m dsv3_jax.plot --schedule", "test", "tests/test_schedule.py::test_plot_schedule"),
+    ("python -m dsv3_jax.training.schedule", "test", "tests/test_schedule.py::test_readme_printer_command"),
     ("python serve.py --checkpoint", "test", "tests/test_docs.py::test_readme_train_plot_serve"),
     ("python serve.py --hf-dir", "test", "tests/test_docs.py::test_readme_serve_hf_dir"),
     ("python -m dsv3_jax.convert", "test", "tests/test_hf.py::test_convert_round_trip_is_exact"),
@@ -274,7 +276,7 @@ def test_readme_train_plot_serve(tmp_path):
     run = work / "runs" / "tiny"  # tiny.yaml's run_dir, which the README's next commands use
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
-    _run(readme_argv("python -m dsv3_jax.plot"), work)
+    _run(readme_argv("python -m dsv3_jax.plot runs/"), work)
     assert {p.name for p in run.glob("*.png")} >= {"loss.png", "lr.png", "throughput.png", "expert_load.png"}
 
     offline = readme_argv("python serve.py --checkpoint runs/tiny --prompt")

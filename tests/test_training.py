@@ -20,13 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3_jax.config import Config, ConfigError, ModelConfig, TrainConfig, load_config, save_config
+from dsv3_jax.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, load_config, save_config
 from dsv3_jax.model import ModelOutput, Transformer
 from dsv3_jax.training import optim
 from dsv3_jax.training.checkpoint import Checkpointer, restore_params
 from dsv3_jax.training.loop import Diverged, train
 from dsv3_jax.training.loss import compute_losses, mtp_targets
 from dsv3_jax.training.metrics import flops_per_token
+from dsv3_jax.training.schedule import Schedule
 from dsv3_jax.training.step import TrainState, init_state, max_violation, train_step, update_router
 from tests.common import TINY_MODEL_OVERRIDES
 from tests.synthetic_data import SyntheticIterator
@@ -62,37 +63,59 @@ def subprocess_env() -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------------------
 
 
+def sched(**train_kw) -> Schedule:
+    return Schedule(Config(train=TrainConfig(**train_kw)))
+
+
 def test_lr_schedule_at_known_points():
-    t = TrainConfig(lr=1.0, lr_final=0.1, warmup_steps=10, lr_constant_tokens=1000, lr_decay_tokens=2000)
-    lr = optim.learning_rate
-    assert lr(t, 0, 0) == pytest.approx(0.1)  # first update: lr·1/warmup
-    assert lr(t, 4, 50) == pytest.approx(0.5)
-    assert lr(t, 9, 90) == pytest.approx(1.0)  # warm-up done
-    assert lr(t, 500, 999) == 1.0  # constant phase
-    assert lr(t, 500, 1000) == pytest.approx(1.0)  # cosine starts at lr
-    assert lr(t, 500, 2000) == pytest.approx(0.55)  # cosine midpoint: (lr + lr_final) / 2
-    assert lr(t, 500, 3000) == pytest.approx(0.1)  # end of decay
-    assert lr(t, 10**9, 14_800_000_000_000) == pytest.approx(0.1)  # constant lr_final, exact 64-bit tokens
-    assert lr(TrainConfig(lr=1.0, warmup_steps=5, lr_decay_tokens=0), 100, 10**12) == 1.0  # no decay
+    lr = sched(lr=1.0, lr_final=0.1, warmup_steps=10, lr_constant_tokens=1000, lr_decay_tokens=2000,
+               lr_final_tokens=500, lr_tail=0.03).learning_rate
+    assert lr(0, 0) == pytest.approx(0.1)  # first update: lr·1/warmup
+    assert lr(4, 50) == pytest.approx(0.5)
+    assert lr(9, 90) == pytest.approx(1.0)  # warm-up done
+    assert lr(500, 999) == 1.0  # constant phase
+    assert lr(500, 1000) == pytest.approx(1.0)  # cosine starts at lr
+    assert lr(500, 2000) == pytest.approx(0.55)  # cosine midpoint: (lr + lr_final) / 2
+    assert lr(500, 3000) == lr(500, 3499) == pytest.approx(0.1)  # end of decay, held for lr_final_tokens
+    assert lr(500, 3500) == lr(10**9, 14_800_000_000_000) == 0.03  # then lr_tail, exact 64-bit tokens
+    assert sched(lr=1.0, lr_final=0.1, warmup_steps=1, lr_decay_tokens=10).learning_rate(5, 10**12) == 0.1  # no tail
+    assert sched(lr=1.0, warmup_steps=5, lr_decay_tokens=0).learning_rate(100, 10**12) == 1.0  # no decay
 
 
 def test_mtp_lambda_and_gamma_switch_on_tokens():
-    t = TrainConfig(mtp_lambda=0.3, mtp_lambda_late=0.1, mtp_lambda_switch_tokens=1e13, bias_update_speed=1e-3,
-                    bias_update_freeze_tokens=1.43e13)
-    assert optim.mtp_lambda(t, 10**13 - 1) == 0.3 and optim.mtp_lambda(t, 10**13) == 0.1
-    assert optim.bias_update_speed(t, 14 * 10**12) == 1e-3 and optim.bias_update_speed(t, 15 * 10**12) == 0.0
+    s = sched(mtp_lambda=0.3, mtp_lambda_late=0.1, mtp_lambda_switch_tokens=1e13, bias_update_speed=1e-3,
+              bias_update_freeze_tokens=1.43e13)
+    assert s.mtp_lambda(10**13 - 1) == 0.3 and s.mtp_lambda(10**13) == 0.1
+    assert s.bias_update_speed(14 * 10**12) == 1e-3 and s.bias_update_speed(15 * 10**12) == 0.0
 
 
 def test_batch_ramp_micro_batch_counts():
-    t = TrainConfig(global_batch_size=16, micro_batch_size=2, batch_ramp_start=4, batch_ramp_tokens=1000,
-                    batch_ramp_levels=3)
-    counts = [optim.num_micro_batches(t, tok) for tok in (0, 332, 334, 666, 667, 999, 1000, 10**6)]
-    # start 2 micro-batches, end 8; levels at tokens [0, 333), [333, 667), [667, 1000): 2, 4, 6; then 8.
+    s = sched(global_batch_size=16, micro_batch_size=2, batch_ramp_start=4, batch_ramp_tokens=1000,
+              batch_ramp_levels=3)
+    counts = [s.num_micro_batches(tok) for tok in (0, 333, 334, 666, 667, 999, 1000, 10**6)]
+    # start 2 micro-batches, end 8; levels at tokens [0, 334), [334, 667), [667, 1000): 2, 4, 6; then 8.
     assert counts == [2, 2, 4, 4, 6, 6, 8, 8]
-    assert optim.num_micro_batches(TrainConfig(global_batch_size=8), 0) == 1  # no ramp, no accumulation
-    assert optim.num_micro_batches(TrainConfig(global_batch_size=8, micro_batch_size=2), 0) == 4
+    assert sched(global_batch_size=8).num_micro_batches(0) == 1  # no ramp, no accumulation
+    assert sched(global_batch_size=8, micro_batch_size=2).num_micro_batches(0) == 4
     with pytest.raises(ConfigError, match="multiple of the micro-batch size"):
-        optim.micro_batch_size(TrainConfig(global_batch_size=10, micro_batch_size=4))
+        sched(global_batch_size=10, micro_batch_size=4)
+    with pytest.raises(ConfigError, match="set a run length"):
+        sched(steps=0)
+
+
+def test_steps_to_tokens_matches_stepping_through_the_ramp():
+    """Schedule.steps_to (level by level, closed form per level) = a step-by-step simulation of the loop."""
+    s = Schedule(Config(data=DataConfig(seq_len=7), train=TrainConfig(
+        global_batch_size=30, micro_batch_size=3, batch_ramp_start=6, batch_ramp_tokens=5000, batch_ramp_levels=5,
+        steps=0, tokens=20_000)))
+    step, seen, starts = 0, 0, []
+    while not s.done(step, seen):
+        starts.append(seen)
+        seen += s.batch_size(seen) * 7
+        step += 1
+    assert s.total_steps == step == len(starts)
+    for target in (0, 1, 20, 21, 999, 1000, 1001, 4999, 5000, 5001, 12_345, 20_000):
+        assert s.steps_to(target) == sum(x < target for x in starts), target
 
 
 def test_weight_decay_mask_skips_norms_and_1d():
@@ -296,6 +319,16 @@ def test_resume_is_bit_identical(tmp_path):
     assert {p.name for p in written} >= {"loss.png", "lr.png", "throughput.png", "expert_load.png"}
 
 
+def test_run_length_in_tokens_ends_the_loop(tmp_path):
+    cfg = tiny_cfg(tmp_path, "train.steps=0", "train.checkpoint_every=0")
+    per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    cfg = tiny_cfg(tmp_path, "train.steps=0", "train.checkpoint_every=0", f"train.tokens={2 * per_step + 1}")
+    assert Schedule(cfg).total_steps == 3
+    res = train(cfg, *data_fns(cfg))  # stops at the first step that reaches train.tokens, logging it
+    assert (res.step, res.tokens_seen, res.stopped_by) == (3, 3 * per_step, None)
+    assert res.last_record["step"] == 3 and Checkpointer(tmp_path / "checkpoints").all_steps() == [3]
+
+
 def test_partial_checkpoint_is_ignored(tmp_path):
     cfg = tiny_cfg(tmp_path, "train.steps=2")
     train(cfg, *data_fns(cfg))
@@ -391,6 +424,7 @@ def test_train_py_config_errors_exit_2_without_traceback(tmp_path, capsys):
                            (["train.global_batch_size=6", "train.micro_batch_size=4"],
                             "multiple of the micro-batch size"),
                            (["mesh.pipeline_schedule=1f1b"], "must be one of 'gpipe', 'circular'"),
+                           (["train.steps=0"], "set a run length"),
                            (["mesh.pipeline_virtual_stages=0"], "must be ≥ 1")):
         assert train_py.main(args) == 2
         assert expected in capsys.readouterr().err

@@ -33,7 +33,7 @@ import numpy as np
 from dsv3_jax.config import Config, ConfigError, save_config
 from dsv3_jax.training import metrics as metrics_lib
 from dsv3_jax.training.checkpoint import Checkpointer
-from dsv3_jax.training.optim import micro_batch_size, num_micro_batches
+from dsv3_jax.training.schedule import Schedule
 from dsv3_jax.training.step import eval_loss, init_state, train_step
 
 
@@ -101,7 +101,7 @@ def build_mesh(cfg: Config):
     if math.prod(sizes.values()) == 1:
         return None
     mesh = make_mesh(cfg.mesh)
-    per_step = cfg.train.micro_batch_size or cfg.train.global_batch_size
+    per_step = Schedule(cfg).micro_batch_size
     split = math.prod(sizes[a] for a in ("data", "fsdp", "expert"))
     if per_step % split:
         raise ConfigError(f"micro-batch of {per_step} sequences cannot be split over data×fsdp×expert = {split} "
@@ -111,7 +111,8 @@ def build_mesh(cfg: Config):
 
 def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
           make_eval_iter: Callable[[int], Iterator] | None = None) -> RunResult:
-    """Train ``cfg`` to ``train.steps`` steps in ``cfg.run_dir`` (resuming if it holds a checkpoint).
+    """Train ``cfg`` to ``train.steps`` steps or ``train.tokens`` tokens, whichever comes first, in ``cfg.run_dir``
+    (resuming if it holds a checkpoint). LR, batch size, λ and γ come from :class:`Schedule`.
 
     Raises :class:`Diverged` on a non-finite loss/grad norm and ConfigError if the run dir's checkpoint holds a
     different model.
@@ -124,9 +125,10 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
     run_dir.mkdir(parents=True, exist_ok=True)
     if main:
         save_config(cfg, run_dir / "config.yaml")
-    mb, seq_len = micro_batch_size(t), cfg.data.seq_len
+    sched = Schedule(cfg)
+    mb, seq_len = sched.micro_batch_size, cfg.data.seq_len
 
-    progress = metrics_lib.Progress(t.steps, every=t.log_every, enabled=main)
+    progress = metrics_lib.Progress(sched.total_steps, every=t.log_every, enabled=main)
     mesh = build_mesh(cfg)
     if cfg.mesh.node_limited_routing:  # ConfigError if router groups straddle nodes of the expert axis
         from sharding.expert import check_node_limited
@@ -189,17 +191,18 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
     pending: tuple[int, dict] | None = None
     try:
         with _StopOnSignal() as stop:
-            while int(state.step) < t.steps and not any_process(stop.signal is not None):
-                n = num_micro_batches(t, int(state.tokens_seen))
+            while not sched.done(int(state.step), int(state.tokens_seen)) and not any_process(stop.signal is not None):
+                n = sched.num_micro_batches(int(state.tokens_seen))
                 batch = _next_batch(it, n, local_mb, seq_len)
                 state, m = train_step(state, batch, cfg, mesh)
                 step = int(state.step)  # host counter: no sync
+                last = sched.done(step, int(state.tokens_seen))
                 if pending is not None:
                     settle(*pending)
                 pending = (step, m)
                 eval_due = make_eval_iter is not None and t.eval_every > 0 and step % t.eval_every == 0
                 ckpt_due = t.checkpoint_every > 0 and step % t.checkpoint_every == 0
-                if not (eval_due or ckpt_due or step % t.log_every == 0 or step == t.steps):
+                if not (eval_due or ckpt_due or step % t.log_every == 0 or last):
                     continue
                 loss_avg, tokens_per_s = settle(*pending)
                 pending = None
@@ -213,7 +216,7 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
                     evaluated = {"eval_loss": el, "eval_ppl": math.exp(min(el, 700.0))}
                     progress.message(f"step {step}: eval_loss {el:.4f} (ppl {evaluated['eval_ppl']:.2f})")
 
-                if step % t.log_every == 0 or evaluated or step == t.steps:
+                if step % t.log_every == 0 or evaluated or last:
                     m = jax.device_get(m)
                     record = {k: m[k] for k in ("loss", "ce", "mtp_loss", "balance_loss", "grad_norm", "lr",
                                                 "maxvio", "mtp_maxvio")}
@@ -234,7 +237,8 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
             if int(state.step) > 0:
                 ckpt.save(state, it.get_state(), cfg)
             # Stopped early: by a signal to this process, or (multi-process) to another one.
-            stopped_by = stop.signal or ("another process" if int(state.step) < t.steps else None)
+            stopped_by = stop.signal or ("another process" if not sched.done(int(state.step), int(state.tokens_seen))
+                                         else None)
             if stopped_by is not None:
                 progress.message(f"{stopped_by}: saved step {int(state.step)} to {ckpt.directory}; exiting")
     finally:

@@ -1,99 +1,22 @@
-"""Optimiser and schedules (REFERENCE §5, §6, §9).
+"""Optimiser (REFERENCE §9).
 
 AdamW (β1 0.9, β2 0.95, weight decay 0.1 except norms and 1-D params), global-norm clipping at 1.0, FP32 master
 parameters, Adam moments in ``train.moments_dtype`` (the TR keeps them in BF16).
 
 The learning rate is *not* inside the optax chain: :func:`make_optimizer` returns the update direction
-(clip → Adam → + wd·p) and the train step multiplies by ``-lr``. The schedules here are plain Python functions
-of (steps done, tokens seen) evaluated on the host each step — exact 64-bit token counts (a 14.8T-token run
-overflows int32 and float32 cannot count it), and the compiled step never depends on them.
-
-Batch-size ramp (TR §4: 3072 → 15360 sequences over 469B tokens): a step is ``n`` fixed-size micro-batches
-accumulated by a ``lax.scan`` inside the one jitted step; ``n`` grows with tokens seen. The scan length is a
-shape, so each distinct ``n`` compiles once — the ramp is quantised to ``train.batch_ramp_levels`` sizes to
-bound the number of compiled variants (we chose this over one padded max-size buffer with a dynamic trip
-count: no wasted host→device transfer or memory for padding, at the price of a few compiles early in a run).
+(clip → Adam → + wd·p) and the train step multiplies by ``-lr``, the value :class:`dsv3_jax.training.schedule.Schedule`
+has in force for the step (evaluated on the host; the compiled step never depends on it).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from dsv3_jax.config import ConfigError, TrainConfig
-
-# ----------------------------------------------------------------------------------------------------------
-# Schedules (host side, exact)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def learning_rate(t: TrainConfig, step: int, tokens: int) -> float:
-    """LR for the update of step ``step`` (0-based, = steps already done) after ``tokens`` tokens.
-
-    Linear warm-up over ``warmup_steps`` (step s uses lr·(s+1)/warmup, so the first update is not wasted and
-    step warmup-1 reaches lr), then constant until ``lr_constant_tokens``, cosine to ``lr_final`` over
-    ``lr_decay_tokens`` (0 = never decay), then ``lr_final``. Phases after warm-up are driven by tokens because
-    the batch size ramps (REFERENCE §9).
-    """
-    warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
-    if t.lr_decay_tokens <= 0 or tokens < t.lr_constant_tokens:
-        base = t.lr
-    elif tokens < t.lr_constant_tokens + t.lr_decay_tokens:
-        frac = (tokens - t.lr_constant_tokens) / t.lr_decay_tokens
-        base = t.lr_final + 0.5 * (t.lr - t.lr_final) * (1.0 + math.cos(math.pi * frac))
-    else:
-        base = t.lr_final
-    return base * warm
-
-
-def mtp_lambda(t: TrainConfig, tokens: int) -> float:
-    """λ of the MTP loss: 0.3 for the first 10T tokens, 0.1 after (REFERENCE §6, §9)."""
-    return t.mtp_lambda if tokens < t.mtp_lambda_switch_tokens else t.mtp_lambda_late
-
-
-def bias_update_speed(t: TrainConfig, tokens: int) -> float:
-    """γ of the aux-loss-free bias update: 0.001, then 0 for the last 500B tokens (REFERENCE §5)."""
-    return t.bias_update_speed if tokens < t.bias_update_freeze_tokens else 0.0
-
-
-def micro_batch_size(t: TrainConfig) -> int:
-    """Sequences per micro-batch: the data iterator's batch size, fixed for the whole run.
-
-    ``train.micro_batch_size``, or by default ``batch_ramp_start`` when the batch ramps (the ramp then moves in
-    whole multiples of it) and ``global_batch_size`` otherwise (no accumulation).
-    """
-    mb = t.micro_batch_size or (t.batch_ramp_start if t.batch_ramp_start else t.global_batch_size)
-    for name, value in (("global_batch_size", t.global_batch_size), ("batch_ramp_start", t.batch_ramp_start)):
-        if value is not None and (value <= 0 or value % mb):
-            raise ConfigError(f"train.{name}={value}: must be a positive multiple of the micro-batch size {mb} "
-                              f"(train.micro_batch_size={t.micro_batch_size})")
-    if t.batch_ramp_start is not None and t.batch_ramp_start > t.global_batch_size:
-        raise ConfigError(f"train.batch_ramp_start={t.batch_ramp_start} > train.global_batch_size="
-                          f"{t.global_batch_size}: the ramp only grows the batch")
-    return mb
-
-
-def num_micro_batches(t: TrainConfig, tokens: int) -> int:
-    """Micro-batches in the step that starts after ``tokens`` tokens (the batch-size ramp).
-
-    Linear in tokens from ``batch_ramp_start`` to ``global_batch_size`` over ``batch_ramp_tokens``, quantised to
-    ``batch_ramp_levels`` steps (each distinct count is one compiled step variant: at most levels + 1).
-    """
-    mb = micro_batch_size(t)
-    n_end = t.global_batch_size // mb
-    if t.batch_ramp_start is None or t.batch_ramp_tokens <= 0 or tokens >= t.batch_ramp_tokens:
-        return n_end
-    n_start = t.batch_ramp_start // mb
-    levels = max(1, min(t.batch_ramp_levels, n_end - n_start))
-    # Ramp level j (0..levels-1) holds for tokens in [j, j+1)·ramp/levels and uses the linear interpolation
-    # start → end at its left edge (rounded down to whole micro-batches); global_batch_size after the ramp.
-    j = int(levels * tokens / t.batch_ramp_tokens)
-    return n_start + (j * (n_end - n_start)) // levels
-
+from dsv3_jax.config import TrainConfig
 
 # ----------------------------------------------------------------------------------------------------------
 # Optimiser (inside the jitted step)

@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax import fp8
-from dsv3_jax.config import Config, ModelConfig, TrainConfig
+from dsv3_jax.config import Config, ModelConfig
 from dsv3_jax.model import Transformer, init_variables
 from dsv3_jax.training import optim
 from dsv3_jax.training.loss import Losses, compute_losses, cross_entropy
+from dsv3_jax.training.schedule import Schedule
 
 
 class TrainState(NamedTuple):
@@ -55,9 +56,10 @@ class Hyper(NamedTuple):
     gamma: Any
 
 
-def schedule(t: TrainConfig, step: int, tokens: int) -> Hyper:
-    return Hyper(np.float32(optim.learning_rate(t, step, tokens)), np.float32(optim.mtp_lambda(t, tokens)),
-                 np.float32(optim.bias_update_speed(t, tokens)))
+def hyper_at(cfg: Config, step: int, tokens: int) -> Hyper:
+    """The schedule's values for step ``step`` after ``tokens`` tokens, as the step's traced scalars."""
+    v = Schedule(cfg).at(tokens, step)
+    return Hyper(np.float32(v.lr), np.float32(v.mtp_lambda), np.float32(v.bias_update_speed))
 
 
 def init_state(cfg: Config, seed: int | None = None, mesh: Any = None) -> TrainState:
@@ -200,7 +202,7 @@ def train_step(state: TrainState, tokens: np.ndarray, cfg: Config, mesh: Any = N
     Returns the new state and metrics as device arrays (fetch them only when needed: it waits for the step).
     """
     step, seen = int(state.step), int(state.tokens_seen)
-    hyper = schedule(cfg.train, step, seen)
+    hyper = hyper_at(cfg, step, seen)
     if mesh is not None:
         from sharding.distributed import to_global
         from sharding.partition import microbatch_sharding
