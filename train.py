@@ -62,13 +62,26 @@ def main(argv: list[str] | None = None) -> int:
 
     from dsv3_jax.training.loop import Diverged, train
 
+    from dsv3_jax.training.init_from import resolve_config, source_tokenizer
+
     try:
-        tokenizer = load_tok(cfg.data)
+        cfg, src = resolve_config(cfg)  # train.init_from: the model (and tokenizer) of the source weights
+        if src is not None and not cfg.data.tokenizer:  # a run that kept no tokenizer.json: its data makes it
+            tokenizer = source_tokenizer(src)
+        else:
+            tokenizer = load_tok(cfg.data)
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
                               f"{cfg.model.vocab_size}; raise model.vocab_size or lower data.tokenizer_vocab_size")
     except ValueError as e:  # ConfigError and the data module's errors (DataError is a ValueError)
         return _error(str(e), 2)
+
+    if jax.process_index() == 0:  # the run's tokenizer travels with its weights (serve.py, train.init_from)
+        from pathlib import Path
+
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        if hasattr(tokenizer, "save"):
+            tokenizer.save(Path(cfg.run_dir) / "tokenizer.json")
 
     # The loop passes each process's shard of the batch (shard_index/shard_count; 0 of 1 on a single process).
     def make_train_iter(batch_size: int, shard_index: int = 0, shard_count: int = 1):

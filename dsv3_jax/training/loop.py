@@ -157,6 +157,12 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
         if data_state is not None:
             it.set_state(data_state)
         progress.message(f"resumed from {ckpt.directory}/{int(state.step)} ({int(state.tokens_seen)} tokens)")
+    elif t.init_from:  # fine-tuning: the source's weights, this run's fresh optimizer and step 0
+        from dsv3_jax.training.init_from import initialize_from, inspect_source
+
+        src = inspect_source(t.init_from)
+        state = initialize_from(state, src, cfg.model)
+        progress.message(f"initialised from {src.kind} checkpoint {src.path}")
     writer = metrics_lib.MetricsWriter(run_dir, resume_step=int(state.step)) if main else None
     fpt = metrics_lib.flops_per_token(cfg.model, seq_len)
     peak = metrics_lib.peak_flops_per_device(t.peak_flops)
