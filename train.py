@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return _error(str(e), 2)
 
+    if cfg.data.format == "chat" and args.data_module == "dsv3_jax.data":  # SFT: the chat data module
+        args.data_module = "dsv3_jax.data.chat"
     try:
         data = importlib.import_module(args.data_module)
     except ModuleNotFoundError as e:

@@ -206,6 +206,12 @@ class DataConfig:
     num_workers: int = 0  # Grain worker processes (0 = in the training process)
     # The default BPE tokenizer trains on about this many bytes of the train split (keeps training to seconds).
     tokenizer_train_bytes: int = 8_000_000
+    # text: documents packed for pretraining (dsv3_jax/data/pipeline.py); chat: JSONL conversations for SFT with
+    # an assistant-only loss and per-sample attention (dsv3_jax/data/chat.py).
+    format: Literal["text", "chat"] = "text"
+    # Chat rendering: deepseek_v3.1 (the built-in V3.1 layout, REFERENCE §11) | tokenizer (the chat_template of
+    # the tokenizer_config.json beside data.tokenizer) | a path to a tokenizer_config.json or .jinja file.
+    chat_template: str = "deepseek_v3.1"
 
 
 @dataclasses.dataclass(frozen=True)
