@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf-dir", help="HF checkpoint directory (config.json + *.safetensors)")
-    src.add_argument("--checkpoint", help="dsv3-jax params checkpoint directory (from --out)")
+    src.add_argument("--checkpoint", help="dsv3-jax params checkpoint directory (from --out), or a trainer run dir")
     ap.add_argument("--out", help="output Orbax checkpoint directory (with --hf-dir)")
     ap.add_argument("--to-hf", help="output HF directory (with --checkpoint)")
     ap.add_argument("--dtype", choices=DTYPES, default=None,
@@ -60,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not a.to_hf:
                 ap.error("--checkpoint needs --to-hf")
-            variables, cfg = load_variables(a.checkpoint)
+            if (Path(a.checkpoint) / "variables").is_dir():
+                variables, cfg = load_variables(a.checkpoint)
+            else:  # a trainer run dir or its checkpoints/: the latest step's weights
+                from dsv3_jax.training.checkpoint import restore_params
+
+                variables, cfg = restore_params(a.checkpoint)
             out = save_hf(variables, cfg.model, a.to_hf, dtype=a.dtype)
             copy_tokenizer(a.checkpoint, out)
             print(f"wrote {out}")
