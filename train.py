@@ -62,9 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # DistributedError: a partial or malformed launch environment
         return _error(str(e), 2)
 
-    from dsv3_jax.training.loop import Diverged, train
-
     from dsv3_jax.training.init_from import resolve_config, source_tokenizer
+    from dsv3_jax.training.loop import Diverged, train
 
     try:
         cfg, src = resolve_config(cfg)  # train.init_from: the model (and tokenizer) of the source weights

@@ -91,8 +91,8 @@ def tools_prompt(tools: Sequence[dict]) -> str:
         lines += [f"### {fn['name']}", f"Description: {fn.get('description', '')}", "",
                   f"Parameters: {json.dumps(fn.get('parameters', {}), ensure_ascii=False)}", ""]
     lines += ["IMPORTANT: ALWAYS adhere to this exact format for tool use:",
-              f"{CALLS_BEGIN}{CALL_BEGIN}tool_call_name{TOOL_SEP}tool_call_arguments{CALL_END}"
-              f"{{additional_tool_calls}}{CALLS_END}", "",
+              (f"{CALLS_BEGIN}{CALL_BEGIN}tool_call_name{TOOL_SEP}tool_call_arguments{CALL_END}"
+              f"{{additional_tool_calls}}{CALLS_END}"), "",
               "Where:", "- `tool_call_name` must be an exact match to one of the available tools",
               "- `tool_call_arguments` must be valid JSON that strictly follows the tool's Parameters Schema",
               "- For multiple tool calls, chain them directly without separators or spaces"]
@@ -181,8 +181,8 @@ def render_jinja(template: str, messages: Sequence[dict], tools: Sequence[dict] 
         raise ChatFormatError(f"chat template does not parse: {e}") from None
 
     def one(msgs, gen: bool) -> str:
-        kw = dict(messages=list(msgs), add_generation_prompt=gen, thinking=thinking, bos_token=bos_token,
-                  eos_token=eos_token, raise_exception=raise_exception)
+        kw = {"messages": list(msgs), "add_generation_prompt": gen, "thinking": thinking, "bos_token": bos_token,
+                  "eos_token": eos_token, "raise_exception": raise_exception}
         if tools:
             kw["tools"] = list(tools)
         try:
