@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return _error(str(e), 2)
 
+    if cfg.data.format == "chat" and args.data_module == "dsv3_jax.data":  # SFT: the chat data module
+        args.data_module = "dsv3_jax.data.chat"
     try:
         data = importlib.import_module(args.data_module)
     except ModuleNotFoundError as e:
@@ -60,15 +62,27 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # DistributedError: a partial or malformed launch environment
         return _error(str(e), 2)
 
+    from dsv3_jax.training.init_from import resolve_config, source_tokenizer
     from dsv3_jax.training.loop import Diverged, train
 
     try:
-        tokenizer = load_tok(cfg.data)
+        cfg, src = resolve_config(cfg)  # train.init_from: the model (and tokenizer) of the source weights
+        if src is not None and not cfg.data.tokenizer:  # a run that kept no tokenizer.json: its data makes it
+            tokenizer = source_tokenizer(src)
+        else:
+            tokenizer = load_tok(cfg.data)
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
                               f"{cfg.model.vocab_size}; raise model.vocab_size or lower data.tokenizer_vocab_size")
     except ValueError as e:  # ConfigError and the data module's errors (DataError is a ValueError)
         return _error(str(e), 2)
+
+    if jax.process_index() == 0:  # the run's tokenizer travels with its weights (serve.py, train.init_from)
+        from pathlib import Path
+
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        if hasattr(tokenizer, "save"):
+            tokenizer.save(Path(cfg.run_dir) / "tokenizer.json")
 
     # The loop passes each process's shard of the batch (shard_index/shard_count; 0 of 1 on a single process).
     def make_train_iter(batch_size: int, shard_index: int = 0, shard_count: int = 1):

@@ -196,7 +196,12 @@ class MLA(nn.Module):
             # Training / prefill from scratch: causal by index, one fused kernel where available.
             kv = kv_b(keys_latent)  # [B, T, H, n + v]
             k = jnp.concatenate([kv[..., :n], jnp.broadcast_to(keys_rope[:, :, None], (*kv.shape[:3], r))], -1)
-            out = causal_attention(jnp.concatenate([q_nope, q_rope], -1), k, kv[..., n:], scale, c.attention_impl)
+            # Packed samples: positions restart per sample, so query t's sample starts at index t - positions[t].
+            k_start = None
+            if c.packed_samples:
+                k_start = jnp.arange(positions.shape[1], dtype=positions.dtype)[None] - positions
+            out = causal_attention(jnp.concatenate([q_nope, q_rope], -1), k, kv[..., n:], scale, c.attention_impl,
+                                   k_start)
         else:
             kv = kv_b(keys_latent)  # [B, S, H, n + v]
             out = naive_attention(q_nope, q_rope, kv[..., :n], keys_rope, kv[..., n:], mask, scale, dt)

@@ -104,6 +104,9 @@ class ModelConfig:
     # Serving an FP8 checkpoint: quantised linear weights stay E4M3 + per-block scale_inv params (no upcast of
     # the model); dequantised per block on the fly, or fed to the FP8 GEMM when `fp8` is also on. Not trainable.
     fp8_weights: bool = False
+    # Packed samples (SFT, REFERENCE §9): positions restart at 0 for every sample in a row, and training attention
+    # keeps each query inside its own sample (keys from t - positions[t] to t). Set by the chat data's train step.
+    packed_samples: bool = False
 
     def __post_init__(self) -> None:
         _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
@@ -203,6 +206,12 @@ class DataConfig:
     num_workers: int = 0  # Grain worker processes (0 = in the training process)
     # The default BPE tokenizer trains on about this many bytes of the train split (keeps training to seconds).
     tokenizer_train_bytes: int = 8_000_000
+    # text: documents packed for pretraining (dsv3_jax/data/pipeline.py); chat: JSONL conversations for SFT with
+    # an assistant-only loss and per-sample attention (dsv3_jax/data/chat.py).
+    format: Literal["text", "chat"] = "text"
+    # Chat rendering: deepseek_v3.1 (the built-in V3.1 layout, REFERENCE §11) | tokenizer (the chat_template of
+    # the tokenizer_config.json beside data.tokenizer) | a path to a tokenizer_config.json or .jinja file.
+    chat_template: str = "deepseek_v3.1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,6 +287,11 @@ class TrainConfig:
     async_checkpoint: bool = True  # write checkpoints in a background thread (training continues meanwhile)
     # Peak FLOP/s of one device for MFU; 0 = look it up from the device kind (H100/H200: 989e12 dense BF16).
     peak_flops: float = 0.0
+    # Start from these weights instead of random init (fine-tuning): a trainer run dir (or its checkpoints/), an
+    # Orbax params checkpoint (dsv3_jax.convert) or an HF safetensors dir (BF16 or FP8). Fresh optimizer, step 0;
+    # the model section (and the tokenizer, unless data.tokenizer is set) come from it. Ignored when run_dir
+    # already holds a checkpoint (that run resumes). See dsv3_jax/training/init_from.py.
+    init_from: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -538,6 +552,9 @@ def model_config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> M
     else:
         kw["rope_scaling"] = None
     kw.setdefault("rope_interleave", True)
+    # V3.1+: power-of-two FP8 scales (REFERENCE §11); FP8 training then rounds its scales the same way.
+    if (hf.get("quantization_config") or {}).get("scale_fmt") == "ue8m0":
+        kw["fp8_pow2_scales"] = True
     kw.update(overrides)
     rope_scaling = kw.pop("rope_scaling")
     return dataclasses.replace(from_dict(ModelConfig, kw, prefix="model"), rope_scaling=rope_scaling)
@@ -547,7 +564,7 @@ def model_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """HF ``config.json`` dict for ``cfg`` (loadable by transformers' DeepseekV3ForCausalLM)."""
     out: dict[str, Any] = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
     skip = {"rope_scaling", "yarn_only_when_extended", "dtype", "param_dtype", "attention_impl", "moe_impl",
-            "mla_decode_impl", "remat", "fp8", "fp8_pow2_scales", "fp8_weights"}
+            "mla_decode_impl", "remat", "fp8", "fp8_pow2_scales", "fp8_weights", "packed_samples"}
     for f in dataclasses.fields(cfg):
         if f.name not in skip:
             out[f.name] = getattr(cfg, f.name)

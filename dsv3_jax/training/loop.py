@@ -78,16 +78,24 @@ class _StopOnSignal:
             signal.signal(s, h)
 
 
-def _next_batch(it: Iterator, n: int, mb: int, seq_len: int) -> np.ndarray:
-    """n micro-batches stacked: int32 [n, mb, seq_len + 1]."""
+def _next_batch(it: Iterator, n: int, mb: int, seq_len: int) -> np.ndarray | dict[str, np.ndarray]:
+    """n micro-batches stacked: int32 [n, mb, seq_len + 1] — a dict of such arrays when the data gives more
+    than ``tokens`` (chat rows: loss_mask, positions, segment_ids)."""
     batches = []
     for _ in range(n):
-        tokens = np.asarray(next(it)["tokens"])
-        if tokens.shape != (mb, seq_len + 1):
-            raise ValueError(f"data iterator gave tokens of shape {tokens.shape}; expected [{mb}, {seq_len + 1}] "
-                             f"(micro-batch size, data.seq_len + 1)")
-        batches.append(tokens)
-    return np.stack(batches).astype(np.int32)
+        b = {k: np.asarray(v) for k, v in next(it).items()}
+        for k, v in b.items():
+            if v.shape != (mb, seq_len + 1):
+                raise ValueError(f"data iterator gave {k} of shape {v.shape}; expected [{mb}, {seq_len + 1}] "
+                                 f"(micro-batch size, data.seq_len + 1)")
+        batches.append(b)
+    out = {k: np.stack([b[k] for b in batches]).astype(np.int32) for k in batches[0]}
+    return out["tokens"] if len(out) == 1 else out
+
+
+def _as_eval_batch(b: dict) -> np.ndarray | dict[str, np.ndarray]:
+    """tokens [B, T+1], or every field when the data gives more (chat rows)."""
+    return np.asarray(b["tokens"]) if len(b) == 1 else {k: np.asarray(v) for k, v in b.items()}
 
 
 def build_mesh(cfg: Config):
@@ -159,6 +167,12 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
         if data_state is not None:
             it.set_state(data_state)
         progress.message(f"resumed from {ckpt.directory}/{int(state.step)} ({int(state.tokens_seen)} tokens)")
+    elif t.init_from:  # fine-tuning: the source's weights, this run's fresh optimizer and step 0
+        from dsv3_jax.training.init_from import initialize_from, inspect_source
+
+        src = inspect_source(t.init_from)
+        state = initialize_from(state, src, cfg.model)
+        progress.message(f"initialised from {src.kind} checkpoint {src.path}")
     writer = metrics_lib.MetricsWriter(run_dir, resume_step=int(state.step)) if main else None
     fpt = metrics_lib.flops_per_token(cfg.model, seq_len)
     peak = metrics_lib.peak_flops_per_device(t.peak_flops)
@@ -211,7 +225,7 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
                 if eval_due:
                     if eval_batches is None:  # the same held-out batches every time: comparable numbers
                         eval_it = make_eval_iter(local_mb, **shard)
-                        eval_batches = [np.asarray(next(eval_it)["tokens"]) for _ in range(t.eval_batches)]
+                        eval_batches = [_as_eval_batch(next(eval_it)) for _ in range(t.eval_batches)]
                     el = eval_loss(state, eval_batches, cfg, mesh)
                     evaluated = {"eval_loss": el, "eval_ppl": math.exp(min(el, 700.0))}
                     progress.message(f"step {step}: eval_loss {el:.4f} (ppl {evaluated['eval_ppl']:.2f})")

@@ -49,21 +49,40 @@ def mtp_targets(tokens: jax.Array, depth: int) -> tuple[jax.Array, jax.Array]:
     return tgt, mask
 
 
+def target_mask(loss_mask: jax.Array, segment_ids: jax.Array, depth: int) -> jax.Array:
+    """Packed chat rows (SFT): position i trains its depth-``depth`` target t_{i+depth+1} (depth 0: the main
+    head's t_{i+1}) only when that token is an assistant token (``loss_mask``) of i's own sample. loss_mask,
+    segment_ids [B, T+1] → [B, T] bool (the last ``depth`` positions False)."""
+    T = loss_mask.shape[1] - 1
+    tgt_mask = jnp.pad(loss_mask[:, depth + 1:], ((0, 0), (0, depth))) > 0
+    same = jnp.pad(segment_ids[:, depth + 1:], ((0, 0), (0, depth)), constant_values=-1) == segment_ids[:, :T]
+    return tgt_mask & same
+
+
 def compute_losses(out: ModelOutput, tokens: jax.Array, mtp_lambda: jax.Array | float,
-                   balance_alpha: float) -> Losses:
+                   balance_alpha: float, loss_mask: jax.Array | None = None,
+                   segment_ids: jax.Array | None = None) -> Losses:
     """Losses of one (micro-)batch. tokens [B, T+1]; ``out`` is the model applied to tokens[:, :T].
 
     Balance: TR §2.1.2 gives each MoE layer its own sequence-wise loss ``α Σ_i f_i P_i``; the total loss adds
     them, so we SUM over layers (and over the MTP modules' MoE layers) rather than average: every layer's gate
     then gets gradient α·∂(its own term), independent of depth — which is what "α per layer" means. A mean would
     silently scale α by 1/L_moe (58× smaller for V3).
+
+    Packed chat rows (``loss_mask`` and ``segment_ids`` [B, T+1]): CE only on assistant targets of the same
+    sample (:func:`target_mask`). The balance loss stays per row (α is tiny; it balances the row's tokens).
     """
-    ce = cross_entropy(out.logits, tokens[:, 1:])
+    packed = loss_mask is not None
+    if packed and segment_ids is None:
+        raise ValueError("compute_losses: loss_mask needs segment_ids (packed samples)")
+    ce = cross_entropy(out.logits, tokens[:, 1:], target_mask(loss_mask, segment_ids, 0) if packed else None)
     if out.mtp_logits is not None and out.mtp_logits.shape[0] > 0:
         D = out.mtp_logits.shape[0]
         per_depth = []
         for k in range(1, D + 1):
             tgt, mask = mtp_targets(tokens, k)
+            if packed:
+                mask = mask & target_mask(loss_mask, segment_ids, k)
             per_depth.append(cross_entropy(out.mtp_logits[k - 1], tgt, mask))
         mtp = jnp.stack(per_depth).mean()  # (1/D) Σ_k L_MTP^k
     else:

@@ -21,7 +21,7 @@ from dsv3_jax import fp8
 from dsv3_jax.config import Config, ModelConfig
 from dsv3_jax.model import Transformer, init_variables
 from dsv3_jax.training import optim
-from dsv3_jax.training.loss import Losses, compute_losses, cross_entropy
+from dsv3_jax.training.loss import Losses, compute_losses, cross_entropy, target_mask
 from dsv3_jax.training.schedule import Schedule
 
 
@@ -130,7 +130,9 @@ def max_violation(load: jax.Array) -> jax.Array:
                    donate_argnames=("params", "router", "opt_state", "rng"))
 def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_cfg: ModelConfig,
                 opt: optim.OptimSettings, balance_alpha: float):
-    """tokens [n, mb, T+1] int32 → (params, router, opt_state, rng, metrics). Compiled once per (configs, n)."""
+    """tokens [n, mb, T+1] int32 — or a dict of such arrays: ``tokens`` plus, for packed chat rows,
+    ``loss_mask``, ``positions``, ``segment_ids`` (dsv3_jax/data/chat.py) — → (params, router, opt_state, rng,
+    metrics). Compiled once per (configs, n, batch fields)."""
     model = Transformer(model_cfg)
     E, D = model_cfg.n_routed_experts, model_cfg.num_nextn_predict_layers
     # FP8: the routed experts' E4M3 blocks once per step, outside the layer scan and the micro-batch loop
@@ -138,9 +140,12 @@ def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_c
     pre = (fp8.prequantize_experts(params, model_cfg.fp8_pow2_scales)
            if model_cfg.fp8 and not model_cfg.fp8_weights else {})
 
-    def loss_fn(p, tok):
-        out = model.apply({"params": fp8.with_prequantized(p, pre) if pre else p, "router": router}, tok[:, :-1])
-        losses = compute_losses(out, tok, hyper.mtp_lambda, balance_alpha)
+    def loss_fn(p, b):
+        tok = b["tokens"]
+        positions = b["positions"][:, :-1] if "positions" in b else None
+        out = model.apply({"params": fp8.with_prequantized(p, pre) if pre else p, "router": router}, tok[:, :-1],
+                          positions)
+        losses = compute_losses(out, tok, hyper.mtp_lambda, balance_alpha, b.get("loss_mask"), b.get("segment_ids"))
         return losses.total, (losses, out.expert_load, out.mtp_expert_load)
 
     def micro(carry, tok):
@@ -150,14 +155,16 @@ def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_c
         l_acc = jax.tree.map(jnp.add, l_acc, losses)
         return (g_acc, l_acc, load_acc + load, mtp_acc + mtp_load.reshape(D, E)), None
 
-    n = tokens.shape[0]
+    batch = tokens if isinstance(tokens, dict) else {"tokens": tokens}
+    n = batch["tokens"].shape[0]
     zero = jnp.zeros((), jnp.float32)
     init = (jax.tree.map(jnp.zeros_like, params), Losses(zero, zero, zero, zero),
             jnp.zeros((model_cfg.num_moe_layers, E), jnp.float32), jnp.zeros((D, E), jnp.float32))
     if n == 1:  # no accumulation buffer: saves a full f32 copy of the params' size
-        (g_sum, l_sum, load, mtp_load), _ = micro(jax.tree.map(jnp.zeros_like, init), tokens[0])
+        (g_sum, l_sum, load, mtp_load), _ = micro(jax.tree.map(jnp.zeros_like, init),
+                                                  jax.tree.map(lambda a: a[0], batch))
     else:
-        (g_sum, l_sum, load, mtp_load), _ = jax.lax.scan(micro, init, tokens)
+        (g_sum, l_sum, load, mtp_load), _ = jax.lax.scan(micro, init, batch)
     # Micro-batches have equal token counts, so the mean of per-micro means is the global-batch mean.
     grads = jax.tree.map(lambda g: g / n, g_sum)
     losses = jax.tree.map(lambda v: v / n, l_sum)
@@ -178,8 +185,10 @@ def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_c
 
 
 def training_model_config(cfg: Config) -> ModelConfig:
-    """The model as the step runs it: ``train.precision: fp8`` switches the recipe's GEMMs to FP8 (REFERENCE §8)."""
-    return dataclasses.replace(cfg.model, fp8=cfg.train.precision == "fp8")
+    """The model as the step runs it: ``train.precision: fp8`` switches the recipe's GEMMs to FP8 (REFERENCE §8);
+    chat data (``data.format: chat``) packs samples that must not attend to each other (REFERENCE §9 SFT)."""
+    return dataclasses.replace(cfg.model, fp8=cfg.train.precision == "fp8",
+                               packed_samples=cfg.model.packed_samples or cfg.data.format == "chat")
 
 
 def _on_mesh(mesh: Any, cfg: Config):
@@ -194,7 +203,8 @@ def _on_mesh(mesh: Any, cfg: Config):
 
 def train_step(state: TrainState, tokens: np.ndarray, cfg: Config, mesh: Any = None
                ) -> tuple[TrainState, dict[str, Any]]:
-    """One optimiser step on ``tokens [n, mb, T+1]`` (n micro-batches). Donates ``state``'s device buffers.
+    """One optimiser step on ``tokens [n, mb, T+1]`` (n micro-batches; or a dict of such arrays, see
+    :func:`_train_core`). Donates ``state``'s device buffers.
 
     With a ``mesh`` (from :func:`sharding.mesh.make_mesh`) the batch is split over its batch axes and the step
     runs expert/pipeline/data parallel; the state keeps the shardings it came with. In a multi-process run
@@ -208,11 +218,12 @@ def train_step(state: TrainState, tokens: np.ndarray, cfg: Config, mesh: Any = N
         from sharding.partition import microbatch_sharding
 
         # Multi-process: ``tokens`` holds this process's rows of each micro-batch (sharding.distributed).
-        tokens = to_global(np.asarray(tokens, np.int32), microbatch_sharding(mesh), batch_dim=1)
+        tokens = jax.tree.map(lambda a: to_global(np.asarray(a, np.int32), microbatch_sharding(mesh), batch_dim=1),
+                              tokens)
         keep = jax.tree.map(lambda x: x.sharding, (state.params, state.router, state.opt_state, state.rng))
     else:
-        tokens = jnp.asarray(tokens, jnp.int32)
-    n, mb, t1 = tokens.shape
+        tokens = jax.tree.map(lambda a: jnp.asarray(a, jnp.int32), tokens)
+    n, mb, t1 = (tokens["tokens"] if isinstance(tokens, dict) else tokens).shape
     with _on_mesh(mesh, cfg):
         params, router, opt_state, rng, metrics = _train_core(
             state.params, state.router, state.opt_state, state.rng, tokens, hyper,
@@ -230,21 +241,27 @@ def train_step(state: TrainState, tokens: np.ndarray, cfg: Config, mesh: Any = N
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg",))
-def _eval_core(params, router, tokens, *, model_cfg: ModelConfig):
-    out = Transformer(model_cfg).apply({"params": params, "router": router}, tokens[:, :-1], mtp=False)
-    return cross_entropy(out.logits, tokens[:, 1:])
+def _eval_core(params, router, batch, *, model_cfg: ModelConfig):
+    tokens = batch["tokens"]
+    positions = batch["positions"][:, :-1] if "positions" in batch else None
+    out = Transformer(model_cfg).apply({"params": params, "router": router}, tokens[:, :-1], positions, mtp=False)
+    mask = target_mask(batch["loss_mask"], batch["segment_ids"], 0) if "loss_mask" in batch else None
+    return cross_entropy(out.logits, tokens[:, 1:], mask)
 
 
 def eval_loss(state: TrainState, batches: Any, cfg: Config, mesh: Any = None) -> float:
-    """Mean next-token CE of the main head over ``batches`` (an iterable of tokens [B, T+1])."""
+    """Mean next-token CE of the main head over ``batches`` (an iterable of tokens [B, T+1], or of dicts of
+    such arrays: packed chat rows are scored on their assistant targets only)."""
     put = (lambda b: jnp.asarray(b, jnp.int32))
     if mesh is not None:  # multi-process: each batch is this process's rows (see train_step)
         from sharding.distributed import to_global
         from sharding.partition import batch_sharding
 
         put = (lambda b: to_global(np.asarray(b, np.int32), batch_sharding(mesh)))
+    model_cfg = dataclasses.replace(cfg.model, packed_samples=training_model_config(cfg).packed_samples)
+    batches = [jax.tree.map(put, b if isinstance(b, dict) else {"tokens": b}) for b in batches]
     with _on_mesh(mesh, cfg):
-        losses = [_eval_core(state.params, state.router, put(b), model_cfg=cfg.model) for b in batches]
+        losses = [_eval_core(state.params, state.router, b, model_cfg=model_cfg) for b in batches]
     if mesh is not None and jax.process_count() > 1:  # readable on every process
         from sharding.partition import replicated
 
