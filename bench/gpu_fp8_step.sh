@@ -3,6 +3,8 @@
 #   bash bench/gpu_fp8_step.sh steps [LAYERS]   # FP8 paths vs the emulation and FP32 on one layer's shapes, then
 #                                               # the step BF16 vs FP8 at 6 layers and at LAYERS (default 13)
 #   bash bench/gpu_fp8_step.sh profile          # device time per kernel of the 6-layer FP8 step and BF16 step
+#   bash bench/gpu_fp8_step.sh check [LAYERS]   # after a jax/dependency change: the FP8 paths, then BF16 vs FP8 at
+#                                               # LAYERS only (the Mosaic kernels still run and keep the speed-up)
 #   bash bench/gpu_fp8_step.sh gap [STEPS]      # the BF16-vs-FP8 loss-gap run (bench/gpu_fp8_gap.sh; carry .tok)
 #   bash bench/gpu_fp8_step.sh quant [LAYERS]   # the fused quantisation kernels vs XLA, a profiled 6-layer FP8 step
 #                                               # (trace + optimised HLO in $OUT/prof_fp8.tgz), the steps as `steps`
@@ -25,6 +27,13 @@ case "$WHAT" in
       | tee "$OUT/fp8_paths.log" | grep -E "RESULT|Error|error" | tail -8
     run train_L6_bf16 --layers 6
     run train_L6_fp8 --layers 6 train.precision=fp8
+    run train_L${LAYERS}_bf16 --layers "$LAYERS"
+    run train_L${LAYERS}_fp8 --layers "$LAYERS" train.precision=fp8 ;;
+  check)
+    LAYERS=${2:-13}
+    python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+    timeout 120 python3 bench/fp8_paths.py 2>&1 | grep -v -E "Autotuning cache miss|^WARNING:absl" \
+      | tee "$OUT/fp8_paths.log" | grep -E "RESULT|Error|error" | tail -8
     run train_L${LAYERS}_bf16 --layers "$LAYERS"
     run train_L${LAYERS}_fp8 --layers "$LAYERS" train.precision=fp8 ;;
   profile)
@@ -53,5 +62,5 @@ case "$WHAT" in
     run train_L${LAYERS}_bf16 --layers "$LAYERS" ;;
   gap)
     LIMIT=${GAP_LIMIT:-190} bash bench/gpu_fp8_gap.sh "${2:-600}" ;;
-  *) echo "usage: bash bench/gpu_fp8_step.sh steps|profile|quant|wk|gap [N]" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_fp8_step.sh steps|check|profile|quant|wk|gap [N]" >&2; exit 2 ;;
 esac
