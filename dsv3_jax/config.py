@@ -235,6 +235,11 @@ class MeshConfig:
     # when the mesh is built (error if the groups straddle nodes); routing numerics do not change.
     node_limited_routing: bool = False
     expert_shards_per_node: int = 0  # expert-axis shards per node for that check; 0 = one process's (host's)
+    # All-to-all expert dispatch (sharding/expert.py): each device sends each expert shard at most
+    # ceil(f · its routed copies / mesh.expert) rows (rounded up to 8); a balanced layer needs f = 1. Copies past
+    # that are dropped and counted (metrics.jsonl `moe_dropped`, the progress line). 0 = exact/dropless (room for
+    # every copy to go to one shard: mesh.expert × the memory and traffic).
+    expert_capacity_factor: float = 2.0
 
     def __post_init__(self) -> None:
         if self.expert_shards_per_node < 0:
@@ -242,6 +247,8 @@ class MeshConfig:
                               f"from the processes)")
         if self.pipeline_virtual_stages < 1:
             raise ConfigError(f"mesh.pipeline_virtual_stages={self.pipeline_virtual_stages}: must be ≥ 1")
+        if self.expert_capacity_factor < 0:
+            raise ConfigError(f"mesh.expert_capacity_factor={self.expert_capacity_factor}: must be ≥ 0 (0 = dropless)")
         if self.pipeline_microbatches < 0:
             raise ConfigError(f"mesh.pipeline_microbatches={self.pipeline_microbatches}: must be ≥ 0 "
                               "(0 = 2 × stages)")

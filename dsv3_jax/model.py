@@ -23,7 +23,8 @@ class ModelOutput(NamedTuple):
     """logits [B, T, V] f32; mtp_logits [D, B, T, V] f32 (position i of depth k predicts t_{i+k+1}; the last
     k positions are padding) or None; expert_load [L_moe, E] and balance [L_moe] of the main MoE layers;
     mtp_expert_load [D, E], mtp_balance [D]; cache (dict of stacked LatentCache) or None; hidden [B, T, d]
-    the final normed hidden state (the head input)."""
+    the final normed hidden state (the head input); moe_dropped [] routed copies dropped for expert-parallel
+    capacity, all MoE layers (main + MTP) together (sharding/expert.py; 0 without expert parallelism)."""
 
     logits: jax.Array
     mtp_logits: jax.Array | None
@@ -33,6 +34,7 @@ class ModelOutput(NamedTuple):
     mtp_balance: jax.Array
     cache: dict[str, LatentCache] | None
     hidden: jax.Array
+    moe_dropped: jax.Array | float = 0.0
 
 
 def _stacked_cache(cfg: ModelConfig, n: int, batch: int, max_len: int, dtype: str | None) -> LatentCache:
@@ -85,6 +87,7 @@ class Transformer(nn.Module):
         new_cache: dict[str, LatentCache] = {}
         E = c.n_routed_experts
         load, balance = jnp.zeros((0, E), jnp.float32), jnp.zeros((0,), jnp.float32)
+        dropped = jnp.zeros((), jnp.float32)
         for kind, n, moe in (("dense", c.first_k_dense_replace, False), ("moe", c.num_moe_layers, True)):
             if not n:
                 continue
@@ -93,7 +96,7 @@ class Transformer(nn.Module):
             if layer_cache is not None:
                 new_cache[kind] = layer_cache
             if moe:
-                load, balance = aux["load"], aux["balance"]
+                load, balance, dropped = aux["load"], aux["balance"], aux["dropped"].sum()
 
         h = RMSNorm(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, name="norm")(x)
         if c.tie_word_embeddings:
@@ -113,10 +116,11 @@ class Transformer(nn.Module):
                 outs.append(head(h_normed))
                 loads.append(aux.get("load", jnp.zeros((E,), jnp.float32)))
                 bals.append(aux.get("balance", jnp.zeros((), jnp.float32)))
+                dropped = dropped + aux.get("dropped", 0.0)
             mtp_logits, mtp_load, mtp_bal = jnp.stack(outs), jnp.stack(loads), jnp.stack(bals)
 
         return ModelOutput(logits, mtp_logits, load, balance, mtp_load, mtp_bal,
-                           new_cache if cache is not None else None, h)
+                           new_cache if cache is not None else None, h, dropped)
 
 
 def init_variables(cfg: ModelConfig, rng: jax.Array, batch: int = 1, seq: int = 8) -> dict:

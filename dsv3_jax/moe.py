@@ -152,39 +152,62 @@ def sort_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax
 ALIGN_MIN_ROWS_PER_EXPERT = 4 * 127
 
 
-def dispatch_ragged(x: jax.Array, routing: Routing, w_gate: Weight, w_up: Weight, w_down: Weight,
-                    impl: str = "auto", fp8_pow2: bool | None = None, align: int | None = None) -> jax.Array:
-    """Dropless MoE by sorting token copies by expert and grouped matmuls. x [N, d] → [N, d].
+def expert_rows(rows: jax.Array, ids: jax.Array, w_gate: Weight, w_up: Weight, w_down: Weight, impl: str = "auto",
+                fp8_pow2: bool | None = None, align: int | None = None) -> jax.Array:
+    """Each row through its expert's SwiGLU FFN: rows [R, d], expert ids [R] → [R, d] (the GEMMs' output dtype).
 
-    Every token reaches all its K experts (no capacity, no dropping): N·K rows, grouped by expert id.
+    Rows are sorted by expert, run through grouped matmuls and unsorted (no scatter). An id ≥ E (the number of
+    experts in ``w_gate``) marks an empty row: it sorts last, is computed by no expert and comes back as zeros.
     ``fp8_pow2`` not None: expert GEMMs in FP8 (REFERENCE §8) with power-of-two scales if True.
     ``align``: pad every expert's rows to a multiple of this (:func:`aligned_layout`); None: 128 when the FP8
     GEMMs run the Hopper kernels (:func:`dsv3_jax.fp8.aligned_groups`) and there are at least
     ``ALIGN_MIN_ROWS_PER_EXPERT`` rows per expert (training batches; decode stays unpadded), else 0.
     """
-    N, d = x.shape
+    R = rows.shape[0]
     E = w_gate.shape[0]
-    K = routing.experts.shape[1]
     if align is None:  # padding costs up to 127 rows per expert: only worth it for batches this size or more
         align = fp8.BLOCK if (fp8_pow2 is not None and fp8.aligned_groups() and not isinstance(w_gate, fp8.Quantized)
-                              and N * K >= ALIGN_MIN_ROWS_PER_EXPERT * E) else 0
-    order, inverse, sizes = sort_by_expert(routing.experts, E)  # row j of the sorted batch is copy order[j]
-    copies = jnp.broadcast_to(x[:, None], (N, K, d)).reshape(N * K, d)  # backward: a sum over K
+                              and R >= ALIGN_MIN_ROWS_PER_EXPERT * E) else 0
+    order, inverse, sizes = sort_by_expert(ids, E)  # row j of the sorted batch is row order[j]
     if align:
         src, pos, sizes = aligned_layout(order, inverse, sizes, align)
-        xs = permute_rows(copies, src, pos)  # [P, d], padding rows zero
+        xs = permute_rows(rows, src, pos)  # [P, d], padding rows zero
     else:
-        xs = permute_rows(copies, order, inverse)  # [N·K, d]
+        xs = permute_rows(rows, order, inverse)  # [R, d]
     aligned = align > 0 and align % fp8.BLOCK == 0
 
     def gemm(a, w):
         return expert_matmul(a, w, sizes, impl, fp8_pow2, aligned)
 
     h = swiglu(gemm(xs, w_gate), gemm(xs, w_up))
-    ys = gemm(h, w_down)  # [N·K or P, d]
-    y = (permute_rows(ys, pos, src) if align else permute_rows(ys, inverse, order)).reshape(N, K, d)
-    return jnp.einsum("nkd,nk->nd", y, routing.weights.astype(x.dtype), preferred_element_type=jnp.float32
-                      ).astype(x.dtype)
+    ys = gemm(h, w_down)  # [R or P, d]
+    ys = permute_rows(ys, pos, src) if align else permute_rows(ys, inverse, order)
+    # Rows past the experts' groups hold whatever the grouped GEMM leaves there: zero the empty rows' outputs.
+    return jnp.where((ids < E)[:, None], ys, 0)
+
+
+def combine(ys: jax.Array, weights: jax.Array, dtype) -> jax.Array:
+    """Σ_k weight · expert output: ys [N·K, d] (copy n·K + k), weights [N, K] → [N, d] in ``dtype`` (FP32 sum)."""
+    N, K = weights.shape
+    return jnp.einsum("nkd,nk->nd", ys.reshape(N, K, -1), weights.astype(dtype), preferred_element_type=jnp.float32
+                      ).astype(dtype)
+
+
+def token_copies(x: jax.Array, k: int) -> jax.Array:
+    """x [N, d] → [N·K, d]: row n·K + k is token n's copy for its k-th expert (backward: a sum over K)."""
+    N, d = x.shape
+    return jnp.broadcast_to(x[:, None], (N, k, d)).reshape(N * k, d)
+
+
+def dispatch_ragged(x: jax.Array, routing: Routing, w_gate: Weight, w_up: Weight, w_down: Weight,
+                    impl: str = "auto", fp8_pow2: bool | None = None, align: int | None = None) -> jax.Array:
+    """Dropless MoE by sorting token copies by expert and grouped matmuls (:func:`expert_rows`). x [N, d] → [N, d].
+
+    Every token reaches all its K experts (no capacity, no dropping): N·K rows, grouped by expert id.
+    """
+    K = routing.experts.shape[1]
+    ys = expert_rows(token_copies(x, K), routing.experts.reshape(-1), w_gate, w_up, w_down, impl, fp8_pow2, align)
+    return combine(ys, routing.weights, x.dtype)
 
 
 def dispatch_dense(x: jax.Array, routing: Routing, w_gate: Weight, w_up: Weight, w_down: Weight,
@@ -238,8 +261,8 @@ _DISPATCH: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("moe
 
 @contextlib.contextmanager
 def dispatch_override(fn: Callable):
-    """Use ``fn(x, routing, w_gate, w_up, w_down, fp8_pow2=...) → y`` for routed experts while the context is
-    active (``fp8_pow2`` as :func:`expert_matmul` takes it)."""
+    """Use ``fn(x, routing, w_gate, w_up, w_down, fp8_pow2=...) → (y, copies dropped [])`` for routed experts
+    while the context is active (``fp8_pow2`` as :func:`expert_matmul` takes it)."""
     token = _DISPATCH.set(fn)
     try:
         yield
@@ -248,7 +271,7 @@ def dispatch_override(fn: Callable):
 
 
 class MoE(nn.Module):
-    """Routed experts + shared expert(s). x [B, T, d] → (y [B, T, d], aux {load [E], balance []})."""
+    """Routed experts + shared expert(s). x [B, T, d] → (y [B, T, d], aux {load [E], balance [], dropped []})."""
 
     cfg: ModelConfig
 
@@ -283,8 +306,9 @@ class MoE(nn.Module):
         xf = x.reshape(B * T, d)
         logits = jnp.dot(xf.astype(jnp.float32), gate_w.astype(jnp.float32))  # gate in f32 (REFERENCE §12)
         r = route(logits, bias, c)
+        dropped = jnp.zeros((), jnp.float32)  # routed copies dropped for capacity (expert parallelism only)
         if (override := _DISPATCH.get()) is not None:
-            y = override(xf, r, *master, fp8_pow2=fp8_pow2)
+            y, dropped = override(xf, r, *master, fp8_pow2=fp8_pow2)
         elif c.moe_impl == "dense":
             y = dispatch_dense(xf, r, *master, fp8_pow2)
         elif c.moe_impl == "gather" or (c.moe_impl == "auto" and fp8_pow2 is None and on_gpu()
@@ -298,5 +322,6 @@ class MoE(nn.Module):
         if c.n_shared_experts:
             y = y + MLP(c, F * c.n_shared_experts, name="shared_experts")(x)
         aux = {"load": expert_load(r.experts, E),
-               "balance": sequence_balance(r.scores.reshape(B, T, E), r.experts.reshape(B, T, -1), c)}
+               "balance": sequence_balance(r.scores.reshape(B, T, E), r.experts.reshape(B, T, -1), c),
+               "dropped": dropped}
         return logical(y, ("activation_batch", "activation_length", "activation_embed")), aux

@@ -1,11 +1,21 @@
-"""Expert parallelism: routed experts sharded over the ``expert`` mesh axis, tokens dispatched exactly.
+"""Expert parallelism: routed experts sharded over the ``expert`` mesh axis, tokens moved by all-to-all.
 
-Dropless scheme that runs on every backend (XLA:CPU has no ragged all-to-all): inside ``shard_map`` each
-expert shard all-gathers the tokens of its expert group (and their routing), computes the copies routed to its
-*local* experts with one grouped matmul, and a reduce-scatter returns each token's combined output to its
-owner. Every token reaches all K experts; no capacity, nothing dropped. Traffic per device is
-(ep-1)·n·d each way — equal to an all-to-all's (ep-1)/ep·K·n·d when ep = K, more for ep > K; a ragged
-all-to-all (GPU) is the drop-in upgrade for large ep.
+Inside ``shard_map`` each device holds n tokens and E/ep experts. Per MoE layer (REFERENCE §10; MaxText's and
+DeepSeek's dispatch): every routed copy of a local token (n·K of them) goes to the one expert shard that owns
+its expert, the owner runs its local experts on what it received with one grouped GEMM
+(:func:`dsv3_jax.moe.expert_rows`), and the outputs come back the same way to be combined where the token lives.
+
+Static shapes: each device sends each peer a fixed block of ``cap`` rows (:func:`capacity`), so the exchange is a
+dense ``jax.lax.all_to_all`` of [ep, cap, d] — it runs on every backend (XLA:CPU has no ragged all-to-all).
+``cap = ceil(capacity_factor · n·K / ep)`` rounded up to 8 (``mesh.expert_capacity_factor``, 2 by default: a
+balanced layer sends n·K/ep to each peer), at most n·K. Copies past a peer's ``cap`` are dropped: their expert
+output is zero, the token keeps its other experts and the shared expert, and the count goes to the step's
+``moe_dropped`` metric — never silent. ``capacity_factor: 0`` is the exact (dropless) mode: cap = n·K, the most
+one peer can be sent. Traffic per device and layer: 2·(ep−1)·cap·d each way (dispatch + combine), against the
+(ep−1)·n·d·… of gathering every token of the group; memory: ep·cap rows instead of ep·n·K.
+
+Every row move is a gather whose backward is a gather (:func:`dsv3_jax.moe.permute_rows`), and the all-to-all's
+transpose is the reverse all-to-all: the backward pass has no scatter.
 
 Node-limited routing (REFERENCE §5, §10): shard ``s`` holds experts ``[s·E/ep, (s+1)·E/ep)`` and router group
 ``g`` experts ``[g·E/G, (g+1)·E/G)``, so when each group lies on one node, group-limited top-k (≤ ``topk_group``
@@ -16,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -25,78 +36,96 @@ from jax.sharding import PartitionSpec as P
 
 from dsv3_jax import moe
 from dsv3_jax.config import ConfigError, ModelConfig
-from dsv3_jax.layers import swiglu
 from sharding.rules import BATCH_AXES
 
-
-def _owned(experts, e_loc: int, axis: str):
-    """This shard's view of expert ids [..., K]: (local ids, mask of the copies its experts compute)."""
-    local = experts - jax.lax.axis_index(axis) * e_loc
-    return local, (local >= 0) & (local < e_loc)
+CAPACITY_ALIGN = 8  # receive blocks are whole multiples of this many rows
 
 
-def _local_experts(x, experts, weights, wg, wu, wd, *, num_experts: int, axis: str, fp8_pow2: bool | None):
-    """Per expert shard: x [n, d], experts/weights [n, K], local expert weights [E/ep, ...] → [n, d]."""
+def capacity(copies: int, ep: int, factor: float) -> int:
+    """Rows each device sends each expert shard: ``copies`` = n·K routed copies on the device; factor 0 = dropless."""
+    if factor < 0:
+        raise ConfigError(f"mesh.expert_capacity_factor={factor}: must be ≥ 0 (0 = dropless)")
+    if factor == 0:
+        return copies
+    return min(copies, -(-math.ceil(factor * copies / ep) // CAPACITY_ALIGN) * CAPACITY_ALIGN)
+
+
+def send_layout(dest: jax.Array, ep: int, cap: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Where each copy goes in the [ep·cap] send buffer, as the two maps :func:`moe.permute_rows` takes.
+
+    dest [C] int32, the expert shard of each copy → (src [ep·cap]: the copy in each slot, C for an empty slot;
+    slot [C]: each copy's slot, ep·cap if it is dropped; dropped []: copies past their peer's ``cap``). A peer's
+    copies keep their order; the first ``cap`` of them are sent.
+    """
+    C = dest.shape[0]
+    order, inverse, sizes = moe.sort_by_expert(dest, ep)
+    starts = jnp.cumsum(sizes) - sizes
+    i = jnp.arange(ep * cap, dtype=jnp.int32)
+    peer, r = i // cap, i % cap
+    src = jnp.where(r < sizes[peer], jnp.take(order, jnp.clip(starts[peer] + r, 0, C - 1)), C).astype(jnp.int32)
+    rank = inverse.astype(jnp.int32) - starts[dest]
+    slot = jnp.where(rank < cap, dest * cap + rank, ep * cap).astype(jnp.int32)
+    return src, slot, jnp.maximum(sizes - cap, 0).sum()
+
+
+def _local_experts(x, experts, weights, wg, wu, wd, *, axis: str, ep: int, capacity_factor: float,
+                   fp8_pow2: bool | None):
+    """Per device: x [n, d], experts/weights [n, K], local expert weights [E/ep, ...] → (y [n, d], dropped [1])."""
+    n, d = x.shape
+    K = experts.shape[1]
     e_loc = wg.shape[0]
-    xa = jax.lax.all_gather(x, axis, tiled=True)  # [ep·n, d]: every token of this expert group
-    ea = jax.lax.all_gather(experts, axis, tiled=True)
-    wa = jax.lax.all_gather(weights, axis, tiled=True)
-    m, k = ea.shape
-    local, mine = _owned(ea, e_loc, axis)
-    key = jnp.where(mine, local, e_loc)  # other shards' copies sort last (group e_loc) and are not computed
-    order, inverse, sizes = moe.sort_by_expert(key, e_loc + 1)
-    sizes = sizes[:e_loc]
-    copies = jnp.broadcast_to(xa[:, None], (m, k, xa.shape[-1])).reshape(m * k, -1)
-    xs = moe.permute_rows(copies, order, inverse)
-    mm = functools.partial(moe.expert_matmul, sizes=sizes, fp8_pow2=fp8_pow2)  # FP8 when the model asks
-    h = swiglu(mm(xs, wg), mm(xs, wu))
-    ys = moe.permute_rows(mm(h, wd), inverse, order).reshape(m, k, -1)
-    ys = jnp.where(mine[..., None], ys, 0)
-    y = jnp.einsum("mkd,mk->md", ys, jnp.where(mine, wa, 0).astype(ys.dtype), preferred_element_type=jnp.float32)
-    return jax.lax.psum_scatter(y, axis, scatter_dimension=0, tiled=True).astype(x.dtype)
+    cap = capacity(n * K, ep, capacity_factor)
+    flat = experts.reshape(-1)
+    src, slot, dropped = send_layout(flat // e_loc, ep, cap)
+    send = moe.permute_rows(moe.token_copies(x, K), src, slot)  # [ep·cap, d]; empty slots zero
+    local_id = jnp.take(flat % e_loc, src, mode="fill", fill_value=e_loc)  # e_loc marks an empty slot
+
+    def exchange(a):  # block p of a [ep, cap, ...] goes to shard p; block q of the result came from shard q
+        return jax.lax.all_to_all(a.reshape(ep, cap, *a.shape[1:]), axis, 0, 0).reshape(a.shape)
+
+    ys = moe.expert_rows(exchange(send), exchange(local_id), wg, wu, wd, fp8_pow2=fp8_pow2)
+    ys = moe.permute_rows(exchange(ys), slot, src)  # [n·K, d]: each copy's output; dropped copies zero
+    return moe.combine(ys, weights, x.dtype), dropped.astype(jnp.float32)[None]
 
 
 def ep_dispatch(mesh: Mesh, x, routing: moe.Routing, w_gate, w_up, w_down, axis: str = "expert",
-                fp8_pow2: bool | None = None):
-    """Expert-parallel drop-in for :func:`dsv3_jax.moe.dispatch_ragged`. x [N, d] with N over the batch axes."""
+                fp8_pow2: bool | None = None, capacity_factor: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Expert-parallel :func:`dsv3_jax.moe.dispatch_ragged`: x [N, d] with N over the batch axes → (y [N, d],
+    copies dropped for capacity []); ``capacity_factor`` as :func:`capacity` takes it (0: exact, dropless)."""
     ep = mesh.shape[axis]
     E = w_gate.shape[0]
     if E % ep:
         raise ValueError(f"{E} routed experts cannot be split over mesh.expert={ep}")
     tok = P(BATCH_AXES)
     fn = jax.shard_map(
-        functools.partial(_local_experts, num_experts=E, axis=axis, fp8_pow2=fp8_pow2),
+        functools.partial(_local_experts, axis=axis, ep=ep, capacity_factor=capacity_factor, fp8_pow2=fp8_pow2),
         mesh=mesh,
         in_specs=(tok, tok, tok, P(axis), P(axis), P(axis)),
-        out_specs=tok,
+        out_specs=(tok, tok),
         check_vma=False,
     )
-    return fn(x, routing.experts, routing.weights, w_gate, w_up, w_down)
+    y, dropped = fn(x, routing.experts, routing.weights, w_gate, w_up, w_down)
+    return y, dropped.sum()
 
 
 @contextlib.contextmanager
-def expert_parallel(mesh: Mesh, axis: str = "expert"):
-    """Within this context, MoE layers traced under ``mesh`` dispatch across its expert axis."""
+def expert_parallel(mesh: Mesh, capacity_factor: float = 0.0, axis: str = "expert"):
+    """Within this context, MoE layers traced under ``mesh`` dispatch across its expert axis by all-to-all."""
     if mesh.shape.get(axis, 1) == 1:
         yield
         return
-    with moe.dispatch_override(functools.partial(ep_dispatch, mesh, axis=axis)):
+    with moe.dispatch_override(functools.partial(ep_dispatch, mesh, axis=axis, capacity_factor=capacity_factor)):
         yield
 
 
 def shards_per_token(mesh: Mesh, experts: jax.Array, num_experts: int, axis: str = "expert") -> jax.Array:
-    """How many expert shards compute copies of each token: experts [N, K] (N over the batch axes) → int32 [N].
+    """How many expert shards each token sends copies to: experts [N, K] → int32 [N].
 
-    Uses the dispatch's own ownership rule (:func:`_owned`), so it counts what :func:`ep_dispatch` sends.
+    Uses the dispatch's own ownership rule (shard of expert e = e // (E/ep), as :func:`_local_experts` sends).
     """
-    e_loc = num_experts // mesh.shape[axis]
-
-    def count(e):
-        _, mine = _owned(jax.lax.all_gather(e, axis, tiled=True), e_loc, axis)
-        return jax.lax.psum_scatter(mine.any(-1).astype(jnp.int32), axis, scatter_dimension=0, tiled=True)
-
-    tok = P(BATCH_AXES)
-    return jax.shard_map(count, mesh=mesh, in_specs=tok, out_specs=tok, check_vma=False)(experts)
+    ep = mesh.shape[axis]
+    dest = experts // (num_experts // ep)
+    return (jax.nn.one_hot(dest, ep, dtype=jnp.int32).sum(-2) > 0).sum(-1).astype(jnp.int32)
 
 
 def shards_per_node(hosts: np.ndarray) -> int:

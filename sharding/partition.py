@@ -110,10 +110,11 @@ def state_shardings(params, router, opt_state, cfg: ModelConfig, mesh: Mesh, zer
 
 @contextlib.contextmanager
 def parallel_context(mesh: Mesh, pipeline_microbatches: int = 0, pipeline_schedule: str = "gpipe",
-                     pipeline_virtual_stages: int = 1):
+                     pipeline_virtual_stages: int = 1, expert_capacity_factor: float = 0.0):
     """Trace model code under ``mesh``: logical constraints resolve through the rules table, MoE layers
-    dispatch across the expert axis and the MoE stack runs through the pipeline (sharding/pipeline.py)."""
+    dispatch across the expert axis by all-to-all (sharding/expert.py; ``expert_capacity_factor`` 0 = dropless)
+    and the MoE stack runs through the pipeline (sharding/pipeline.py)."""
     use = jax.set_mesh if isinstance(mesh, Mesh) else jax.sharding.use_abstract_mesh  # abstract: plans
-    with (use(mesh), nn.logical_axis_rules(LOGICAL_RULES), expert_parallel(mesh),
+    with (use(mesh), nn.logical_axis_rules(LOGICAL_RULES), expert_parallel(mesh, expert_capacity_factor),
           pipeline_parallel(mesh, pipeline_microbatches, pipeline_schedule, pipeline_virtual_stages)):
         yield

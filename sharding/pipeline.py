@@ -156,7 +156,7 @@ def _relayout_explicit(mesh: Mesh, a: jax.Array, sharding: NamedSharding, L: int
 def pipeline_stack(mesh: Mesh, microbatches: int, schedule: str, virtual_stages: int, cfg: ModelConfig,
                    variables: dict, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Run the stacked MoE layers ``variables`` ({'params': {'layers': ...}, 'router': ...}, leaves [L, ...])
-    over x [B, T, d] through the pipeline. Returns (x [B, T, d], aux {load [L, E], balance [L]})."""
+    over x [B, T, d] through the pipeline. Returns (x [B, T, d], aux {load [L, E], balance [L], dropped [L]})."""
     if schedule not in SCHEDULES:
         raise ValueError(f"mesh.pipeline_schedule={schedule!r}: expected one of {', '.join(SCHEDULES)}")
     S = mesh.shape["pipeline"]
@@ -207,7 +207,7 @@ def pipeline_stack(mesh: Mesh, microbatches: int, schedule: str, virtual_stages:
     stage_ids = jnp.arange(S)
 
     def step(carry, t):
-        prev, buf, load, balance = carry
+        prev, buf, load, balance, dropped = carry
         item = t - stage_ids  # work item of each stage: micro-batch item mod M, repeat item // M
         valid = (item >= 0) & (item < M * V)
         mbi, rep = jnp.mod(item, M), jnp.clip(item // M, 0, V - 1)
@@ -218,19 +218,21 @@ def pipeline_stack(mesh: Mesh, microbatches: int, schedule: str, virtual_stages:
         hit = jax.nn.one_hot(rep, V, dtype=jnp.float32) * valid[:, None]  # [S, V]
         load = load + hit[:, :, None, None] * aux["load"][:, None]
         balance = balance + hit[:, :, None] * aux["balance"][:, None]
+        dropped = dropped + hit[:, :, None] * aux["dropped"][:, None]
         done = t - (S - 1)  # item leaving the last stage: back into the buffer (the output after repeat V − 1)
         slot = jnp.mod(done, M)
         buf = buf.at[slot].set(jnp.where((done >= 0) & (done < M * V), out[S - 1], buf[slot]))
-        return (out, buf, load, balance), None
+        return (out, buf, load, balance, dropped), None
 
     E = cfg.n_routed_experts
     init = (_constrain(mesh, jnp.zeros((S, mb, T, d), x.dtype), *act_spec), xs,
-            jnp.zeros((S, V, K, E), jnp.float32), jnp.zeros((S, V, K), jnp.float32))
-    (_, outputs, load, balance), _ = jax.lax.scan(step, init, jnp.arange(M * V + S - 1))
+            jnp.zeros((S, V, K, E), jnp.float32), jnp.zeros((S, V, K), jnp.float32), jnp.zeros((S, V, K), jnp.float32))
+    (_, outputs, load, balance, dropped), _ = jax.lax.scan(step, init, jnp.arange(M * V + S - 1))
 
     def unstage(a):  # [S, V, K, ...] → [L, ...]
         return a.swapaxes(0, 1).reshape(Lp, *a.shape[3:])[:L]
-    return outputs.reshape(B, T, d), {"load": unstage(load), "balance": unstage(balance) / M}
+    return outputs.reshape(B, T, d), {"load": unstage(load), "balance": unstage(balance) / M,
+                                      "dropped": unstage(dropped)}
 
 
 @contextlib.contextmanager

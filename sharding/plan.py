@@ -179,7 +179,7 @@ class Knobs:
     """How the step runs. The defaults are this repo's code today; the others are what-ifs (not implemented)."""
 
     schedule: str = "gpipe"  # gpipe (this repo's scan: M+S-1 slots) | 1f1b (S) | dualpipe (S+1, 2x stage params)
-    ep: str = "allgather"  # allgather (sharding/expert.py) | alltoall (ragged, n·K rows per device)
+    ep: str = "alltoall"  # alltoall (sharding/expert.py: fixed-capacity blocks) | ragged (n·K rows, what-if)
     act_cache_bytes: int | None = None  # bytes per saved block-input value (None: model.dtype; 1: FP8 caching)
     head: str = "full"  # full: FP32 logits of the whole local batch | chunked: one micro-batch at a time
     outer_in_pipeline: bool = False  # embedding/dense on the first stage, head/MTP on the last, per micro-batch
@@ -237,13 +237,24 @@ def _working_bytes(m: ModelConfig, kind: str, n: float, T: int) -> float:
     return 2 * _layer_values(m, kind) * n * a + scores
 
 
-def _ep_bytes(m: ModelConfig, ep: int, n: float, impl: str) -> float:
-    """Per-device dispatch buffers of one MoE layer on n local tokens (×2: forward + cotangents); with ep = 1
-    the local sort → grouped GEMM → unsort of ``moe.dispatch_ragged`` (the same n·K rows as an all-to-all)."""
+def _received_rows(m: ModelConfig, ep: int, n: float, capacity_factor: float) -> float:
+    """Rows one device's experts compute per MoE layer: ep blocks of :func:`sharding.expert.capacity` rows."""
+    from sharding.expert import capacity
+
+    return ep * capacity(max(1, round(n * m.num_experts_per_tok)), ep, capacity_factor)
+
+
+def _ep_bytes(m: ModelConfig, ep: int, n: float, impl: str, capacity_factor: float = 0.0) -> float:
+    """Per-device dispatch buffers of one MoE layer on n local tokens (×2: forward + cotangents).
+
+    ``alltoall`` (sharding/expert.py, this repo): the n·K token copies, the send buffer, the received rows
+    (R = ep·cap), their expert-sorted copy, gate/up/SwiGLU [R, F], the expert outputs sorted, unsorted and sent
+    back, the copies' outputs and the FP32 combine; with ep = 1 the local sort → grouped GEMM → unsort of
+    ``moe.dispatch_ragged`` (R = n·K). ``ragged``: a ragged all-to-all's balanced n·K received rows (what-if)."""
     a, d, K, f = jnp.dtype(m.dtype).itemsize, m.hidden_size, m.num_experts_per_tok, m.moe_intermediate_size
-    if impl == "allgather" and ep > 1:
-        g = ep * n
-        fwd = g * d * a + 2 * g * K * d * a + 3 * g * K * f * a + 2 * g * K * d * a + g * d * 4
+    if impl == "alltoall" and ep > 1:
+        r = _received_rows(m, ep, n, capacity_factor)
+        fwd = 2 * n * K * d * a + 5 * r * d * a + 3 * r * f * a + n * d * 4
     else:
         r = n * K  # rows received (balanced)
         fwd = 2 * r * d * a + 3 * r * f * a + 2 * r * d * a
@@ -325,6 +336,7 @@ def memory(cfg: Config, sizes: dict[str, int], rows: list[dict], k: Knobs = Knob
     S, M, Ls = b["stages"], b["pipeline_microbatches"], b["moe_layers_per_stage"]
     tok, tok_pm = b["tokens_per_device"], b["tokens_per_device_microbatch"]
     ep = sizes["expert"]
+    cf = cfg.mesh.expert_capacity_factor
     per_tok = k.saved_bytes_per_token_layer or d * (k.act_cache_bytes or a)  # one saved block input
 
     groups = _state_totals(rows, cfg, b, k)
@@ -351,7 +363,7 @@ def memory(cfg: Config, sizes: dict[str, int], rows: list[dict], k: Knobs = Knob
         "head backward": {"activations (saved)": saved_pipe + saved_outer, "logits": logits},
         "MoE stage backward": {"activations (saved)": saved_pipe + saved_outer,
                                "layer working set": _working_bytes(m, "moe", tok_pm, T),
-                               "EP dispatch buffers": _ep_bytes(m, ep, tok_pm, k.ep)},
+                               "EP dispatch buffers": _ep_bytes(m, ep, tok_pm, k.ep, cf)},
     }
     if m.first_k_dense_replace:
         phases["dense layer backward"] = {"activations (saved)": saved_outer if not k.outer_in_pipeline
@@ -360,7 +372,7 @@ def memory(cfg: Config, sizes: dict[str, int], rows: list[dict], k: Knobs = Knob
     if D:
         phases["MTP layer backward"] = {"activations (saved)": saved_pipe + saved_outer,
                                         "layer working set": _working_bytes(m, "moe", outer_tok, T),
-                                        "EP dispatch buffers": _ep_bytes(m, ep, outer_tok, k.ep)}
+                                        "EP dispatch buffers": _ep_bytes(m, ep, outer_tok, k.ep, cf)}
     # After the backward: grads (accumulated) + the update's FP32 temporaries (clipped grads, the Adam
     # direction), param-sharded. 2 trees is what XLA allocated for the step on an H100 (bench/results).
     fp32_tree = st["grads"] / (k.grad_buffers or (2 if b["accum_steps"] > 1 else 1))
@@ -416,13 +428,14 @@ def collectives(cfg: Config, sizes: dict[str, int], rows: list[dict], k: Knobs =
 
     ep = sizes["expert"]
     if ep > 1 and m.num_moe_layers:
-        def per_layer(n):
-            if k.ep == "allgather":
-                fwd = (ep - 1) * n * (d * (a + 4) + 8 * K)
-                return 2 * fwd + (ep - 1) * n * d * (a + 4)
+        def per_layer(n):  # forward, remat recompute, backward
+            if k.ep == "alltoall":  # dense blocks of cap rows to each peer, both ways, in the compute dtype
+                cap = _received_rows(m, ep, n, cfg.mesh.expert_capacity_factor) / ep
+                return 3 * (ep - 1) * cap * (2 * d * a + 4)  # + the int32 expert id of each row
             disp = 1 if cfg.train.precision == "fp8" else a  # the report sends dispatch in FP8, combine in BF16
             return 3 * (ep - 1) / ep * n * K * d * (disp + a)
-        what = "EP all-gather + reduce-scatter" if k.ep == "allgather" else "EP all-to-all dispatch + combine"
+        what = ("EP all-to-all dispatch + combine" if k.ep == "alltoall"
+                else "what-if: ragged all-to-all, FP8 dispatch (n·K rows)")
         add("expert", f"{what}, MoE stage ({Ls} layers × {iters} iterations × {n_acc})",
             n_acc * iters * Ls * per_layer(b["tokens_per_device_microbatch"]))
         if m.num_nextn_predict_layers:
@@ -436,7 +449,6 @@ def collectives(cfg: Config, sizes: dict[str, int], rows: list[dict], k: Knobs =
 
 LADDER = (
     ("this repo today", {}),
-    ("+ all-to-all EP (ragged, n·K rows)", {"ep": "alltoall"}),
     ("+ embed/dense on first stage, head/MTP on last, chunked CE", {"outer_in_pipeline": True, "head": "chunked"}),
     ("+ 1F1B in-flight micro-batches (S)", {"schedule": "1f1b"}),
     ("+ one grad buffer, update in place per layer", {"grad_buffers": 1, "update_temps": 0.0}),
@@ -447,7 +459,7 @@ LADDER = (
 def report_recipe(m: ModelConfig) -> Knobs:
     """The TR's setting (REFERENCE §10, §8): DualPipe, all-to-all EP, embedding/head on the end stages, one
     FP32 grad buffer, selective recompute with FP8 activation caching (moments and ZeRO-1 come from the config)."""
-    return Knobs(schedule="dualpipe", ep="alltoall", head="chunked", outer_in_pipeline=True, grad_buffers=1,
+    return Knobs(schedule="dualpipe", ep="ragged", head="chunked", outer_in_pipeline=True, grad_buffers=1,
                  update_temps=0.0, saved_bytes_per_token_layer=selective_bytes_per_token_layer(m))
 
 
@@ -516,7 +528,7 @@ def plan(cfg: Config, mesh_sizes: dict[str, int] | str | None = None, *, gpu_mem
                       "knobs": dataclasses.asdict(rk), "state_where": mm["state_where"],
                       "max_tokens_per_microbatch": _max_tokens(mm, budget, b)})
         out["ladder"] = steps
-        out["collectives_alltoall"] = collectives(cfg, sizes, rows, Knobs(ep="alltoall"))
+        out["collectives_ragged"] = collectives(cfg, sizes, rows, Knobs(ep="ragged"))
     if lower:
         out["lowered"] = lower_step(cfg, sizes)
     return out
@@ -554,7 +566,8 @@ def lower_step(cfg: Config, sizes: dict[str, int]) -> dict[str, Any]:
     try:
         mesh = abstract_mesh(sizes)
         abstract_args = args(mesh)  # outside the context: the shardings come from an init traced without EP
-        with parallel_context(mesh, cfg.mesh.pipeline_microbatches):
+        with parallel_context(mesh, cfg.mesh.pipeline_microbatches,
+                              expert_capacity_factor=cfg.mesh.expert_capacity_factor):
             lowered = st._train_core.trace(*abstract_args, **static).lower(lowering_platforms=("cuda",))
     except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:  # the analytic plan still stands
         res["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:600]}"
@@ -579,7 +592,8 @@ def lower_step(cfg: Config, sizes: dict[str, int]) -> dict[str, Any]:
 
         mesh = make_mesh(MeshConfig(**sizes), jax.devices()[:n])
         abstract_args = args(mesh)
-        with parallel_context(mesh, cfg.mesh.pipeline_microbatches):
+        with parallel_context(mesh, cfg.mesh.pipeline_microbatches,
+                              expert_capacity_factor=cfg.mesh.expert_capacity_factor):
             comp = st._train_core.trace(*abstract_args, **static).lower().compile()
         ma = comp.memory_analysis()
         if ma is not None:
@@ -691,7 +705,7 @@ def format_plan(p: dict[str, Any]) -> str:
     L += [f"  dominant term: {biggest} ({mem['terms'][biggest] / _UNIT[0]:.2f} {U})"]
     L += [f"  phases ({U}): " + "; ".join(f"{n} {v['total'] / _UNIT[0]:.1f}" for n, v in mem["phases"].items())]
     if "ladder" in p:
-        L += ["", "What would fix it (cumulative what-ifs, analytic; only the first row is implemented):",
+        L += ["", "What else would help (cumulative what-ifs, analytic; only the first row is implemented):",
               f"  {'step':<60}{'total ' + U:>9}  {'verdict':<13}{'fits up to':>11}  largest term"]
         for s in p["ladder"]:
             big = max(s["terms"], key=s["terms"].get)
@@ -703,7 +717,7 @@ def format_plan(p: dict[str, Any]) -> str:
           f"  {'axis':<10}{U:>10}  what"]
     for r in sorted(p["collectives"], key=lambda r: AXES.index(r["axis"])):
         L += [f"  {r['axis']:<10}{r['bytes'] / _UNIT[0]:10.2f}  {r['what']}"]
-    alt = [r for r in p.get("collectives_alltoall", []) if "EP" in r["what"]]
+    alt = [r for r in p.get("collectives_ragged", []) if "EP" in r["what"]]
     cs, co = p["collective_seconds"], p["compute"]
     L_time = [f"  time at {LINK_BYTES_PER_S / 1e9:g} GB/s per GPU (IB), not overlapped: "
               + ", ".join(f"{ax} {t:.1f} s" for ax, t in cs.items())
@@ -711,8 +725,12 @@ def format_plan(p: dict[str, Any]) -> str:
               f"at {PEAK_FLOPS / 1e12:g} TFLOP/s peak ({co['flops_per_token']:.3e} FLOPs/token, "
               f"{co['tokens_per_step']:,} tokens/step)"]
     for r in alt:
-        L += [f"  {r['axis']:<10}{r['bytes'] / _UNIT[0]:10.2f}  what-if: {r['what']}"]
+        L += [f"  {r['axis']:<10}{r['bytes'] / _UNIT[0]:10.2f}  {r['what']}"]
     L += L_time
+    ep_bytes = sum(r["bytes"] for r in p["collectives"] if r["axis"] == "expert" and "EP" in r["what"])
+    if ep_bytes:
+        L += [f"  EP all-to-all alone: {ep_bytes / 50e9:.1f} s at 50 GB/s (InfiniBand), {ep_bytes / 400e9:.1f} s at "
+              f"400 GB/s (NVLink), not overlapped (this repo does not overlap it with compute)"]
     if "lowered" in p:
         lo = p["lowered"]
         L += ["", "Lowered train step (cuda, AbstractMesh, no allocation)"]

@@ -67,8 +67,9 @@ def test_ep_dispatch_is_exact_under_group_limited_routing():
     wd = jax.random.normal(ks[3], (E, F, d)) * 0.1
     ref = moe.dispatch_dense(x, r, wg, wu, wd)
     with jax.set_mesh(mesh):
-        y = jax.jit(lambda *a: ep_dispatch(mesh, *a))(x, r, wg, wu, wd)
+        y, dropped = jax.jit(lambda *a: ep_dispatch(mesh, *a))(x, r, wg, wu, wd)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    assert float(dropped) == 0
 
 
 def test_check_node_limited_errors_and_node_derivation():

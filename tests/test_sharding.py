@@ -87,22 +87,55 @@ def test_vocab_split_over_pipeline_matches_one_device():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-def test_expert_parallel_drops_no_token_with_skewed_routing():
-    """Every token routed to the same few experts (all on one shard): still exact and complete."""
+def _skewed_moe(N=64, K=2):
     cfg = CFG
-    mesh = make_mesh(MeshConfig(data=1, expert=8))
     rng = jax.random.split(jax.random.key(3), 5)
-    N, d, E, F = 64, cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+    d, E, F = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
     x = jax.random.normal(rng[0], (N, d))
     wg, wu = jax.random.normal(rng[1], (E, d, F)) * 0.1, jax.random.normal(rng[2], (E, d, F)) * 0.1
     wd = jax.random.normal(rng[3], (E, F, d)) * 0.1
-    experts = jnp.tile(jnp.array([0, 1, 2], jnp.int32), (N, 1))  # experts 0-2 live on shard 0
-    routing = moe.Routing(experts, jax.random.uniform(rng[4], (N, 3)), jnp.zeros((N, E)))
-    ref = moe.dispatch_dense(x, routing, wg, wu, wd)
+    experts = jnp.tile(jnp.arange(K, dtype=jnp.int32), (N, 1))  # every token: experts 0 and 1
+    routing = moe.Routing(experts, jax.random.uniform(rng[4], (N, K)), jnp.zeros((N, E)))
+    return x, routing, (wg, wu, wd)
+
+
+def test_expert_parallel_capacity_drops_are_counted_and_exact_mode_is_complete():
+    """Every token routed to experts 0 and 1, which both live on expert shard 0 of ep4 (8 experts, 2 per shard):
+    each of the 8 devices (dp2 × ep4) sends all its 8 tokens × 2 copies to one peer. Exact mode (capacity factor
+    0): every copy is computed, equal to the dense reference. Factor 2: a device may send ceil(2·16/4) = 8 rows
+    per peer, so it sends its first 8 copies in copy order (its tokens 0-3) and drops 8: the output equals the
+    reference with exactly those copies' combine weights zeroed, and 8 × 8 = 64 drops are reported."""
+    from sharding.expert import capacity
+
+    mesh = make_mesh(MeshConfig(data=2, expert=4))
+    x, routing, ws = _skewed_moe()
+    N, K = routing.experts.shape
+    assert CFG.n_routed_experts == 8
     with jax.set_mesh(mesh):
-        y = jax.jit(lambda *a: ep_dispatch(mesh, *a))(x, routing, wg, wu, wd)
-    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
-    assert float(moe.expert_load(experts, E)[:3].sum()) == N * 3  # count check: all copies dispatched
+        run = jax.jit(lambda cf, *a: ep_dispatch(mesh, *a, capacity_factor=cf), static_argnums=0)
+        y0, drop0 = run(0.0, x, routing, *ws)
+        y2, drop2 = run(2.0, x, routing, *ws)
+    np.testing.assert_allclose(np.asarray(y0), np.asarray(moe.dispatch_dense(x, routing, *ws)), rtol=1e-5, atol=1e-5)
+    assert float(drop0) == 0
+    n = N // 8  # tokens per device
+    assert capacity(n * K, 4, 2.0) == 8
+    kept = (np.arange(n * K) < 8).reshape(n, K)  # per device, copy t·K + k
+    w = routing.weights * jnp.asarray(np.tile(kept, (8, 1)), jnp.float32)
+    ref = moe.dispatch_dense(x, routing._replace(weights=w), *ws)
+    np.testing.assert_allclose(np.asarray(y2), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    assert float(drop2) == 8 * (n * K - 8)
+
+
+def test_expert_parallel_backward_has_no_scatter():
+    """The all-to-all dispatch's gradient moves rows by gathers and all-to-alls only (scatters are slow on GPUs)."""
+    mesh = make_mesh(MeshConfig(data=2, expert=4))
+    x, routing, ws = _skewed_moe()
+    with jax.set_mesh(mesh):
+        f = jax.jit(jax.grad(lambda x, *w: ep_dispatch(mesh, x, routing, *w, capacity_factor=2.0)[0].sum(),
+                             argnums=(0, 1, 2, 3)))
+        hlo = f.lower(x, *ws).as_text()
+    assert "all_to_all" in hlo or "all-to-all" in hlo
+    assert "scatter" not in hlo
 
 
 def test_zero1_shards_optimizer_state_over_data():

@@ -179,6 +179,7 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
     eval_batches: list[np.ndarray] | None = None
 
     interval_tokens, interval_losses, interval_start = 0, [], time.perf_counter()
+    interval_dropped = [0.0]  # expert-parallel copies dropped for capacity since the last log line
     record: dict[str, Any] | None = None
 
     def settle(step: int, m: dict) -> tuple[float, float]:
@@ -195,9 +196,11 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
                 f"(now {t.lr}) or more train.warmup_steps (now {t.warmup_steps}).")
         interval_tokens += int(m["tokens"])
         interval_losses.append(float(m["loss"]))
+        interval_dropped[0] += float(m["moe_dropped"])
         elapsed = time.perf_counter() - interval_start
         loss_avg = sum(interval_losses) / len(interval_losses)  # smoother than one small batch
-        progress.update(step, loss_avg, interval_tokens / elapsed if elapsed > 0 else math.nan)
+        progress.update(step, loss_avg, interval_tokens / elapsed if elapsed > 0 else math.nan,
+                        dropped=interval_dropped[0])
         return loss_avg, interval_tokens / elapsed if elapsed > 0 else math.nan
 
     # No host sync per step: a step's metrics are read after the next step is queued, so the device never
@@ -233,7 +236,7 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
                 if step % t.log_every == 0 or evaluated or last:
                     m = jax.device_get(m)
                     record = {k: m[k] for k in ("loss", "ce", "mtp_loss", "balance_loss", "grad_norm", "lr",
-                                                "maxvio", "mtp_maxvio")}
+                                                "maxvio", "mtp_maxvio", "moe_dropped")}
                     record.update(step=step, loss_avg=loss_avg, tokens_seen=int(state.tokens_seen),
                                   tokens_per_s=tokens_per_s,
                                   mfu=metrics_lib.mfu(tokens_per_s, fpt, peak, jax.device_count()),
@@ -241,6 +244,7 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
                     if writer is not None:
                         writer.write(record, expert_load=m["expert_load"])
                     interval_tokens, interval_losses, interval_start = 0, [], time.perf_counter()
+                    interval_dropped[0] = 0.0
 
                 if ckpt_due:
                     ckpt.save(state, it.get_state(), cfg)

@@ -25,7 +25,7 @@ from dsv3_jax.config import ModelConfig
 log = logging.getLogger(__name__)
 
 LOGGED = ("step", "tokens_seen", "loss", "loss_avg", "ce", "mtp_loss", "balance_loss", "grad_norm", "lr",
-          "tokens_per_s", "mfu", "maxvio", "mtp_maxvio")
+          "tokens_per_s", "mfu", "maxvio", "mtp_maxvio", "moe_dropped")
 
 # Dense BF16 peak FLOP/s per device (no sparsity). REFERENCE §10 for H100/H800.
 PEAK_FLOPS = (
@@ -106,7 +106,9 @@ class Progress:
         self._t_first: float | None = None
         self._n_timed = 0
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+    def update(self, step: int, loss: float, tokens_per_s: float, dropped: float = 0.0) -> None:
+        """``dropped``: expert-parallel routed copies dropped for capacity since the last printed line (shown
+        only when > 0)."""
         if not self.enabled:  # a multi-process run's other processes
             return
         now = time.perf_counter()
@@ -117,7 +119,7 @@ class Progress:
         per_step = (now - self._t_first) / self._n_timed if self._n_timed else math.inf
         eta = (self.total - step) * per_step
         line = (f"step {step}/{self.total} | loss {loss:.4f} | {_fmt_num(tokens_per_s)} tok/s | "
-                f"ETA {_fmt_time(eta)}")
+                + (f"MoE dropped {_fmt_num(dropped)} copies | " if dropped > 0 else "") + f"ETA {_fmt_time(eta)}")
         if self.tty:
             self.stream.write("\r" + line.ljust(79))
             if step >= self.total:

@@ -146,25 +146,25 @@ def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_c
         out = model.apply({"params": fp8.with_prequantized(p, pre) if pre else p, "router": router}, tok[:, :-1],
                           positions)
         losses = compute_losses(out, tok, hyper.mtp_lambda, balance_alpha, b.get("loss_mask"), b.get("segment_ids"))
-        return losses.total, (losses, out.expert_load, out.mtp_expert_load)
+        return losses.total, (losses, out.expert_load, out.mtp_expert_load, out.moe_dropped)
 
     def micro(carry, tok):
-        g_acc, l_acc, load_acc, mtp_acc = carry
-        (_, (losses, load, mtp_load)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, tok)
+        g_acc, l_acc, load_acc, mtp_acc, drop_acc = carry
+        (_, (losses, load, mtp_load, dropped)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, tok)
         g_acc = jax.tree.map(jnp.add, g_acc, g)
         l_acc = jax.tree.map(jnp.add, l_acc, losses)
-        return (g_acc, l_acc, load_acc + load, mtp_acc + mtp_load.reshape(D, E)), None
+        return (g_acc, l_acc, load_acc + load, mtp_acc + mtp_load.reshape(D, E), drop_acc + dropped), None
 
     batch = tokens if isinstance(tokens, dict) else {"tokens": tokens}
     n = batch["tokens"].shape[0]
     zero = jnp.zeros((), jnp.float32)
     init = (jax.tree.map(jnp.zeros_like, params), Losses(zero, zero, zero, zero),
-            jnp.zeros((model_cfg.num_moe_layers, E), jnp.float32), jnp.zeros((D, E), jnp.float32))
+            jnp.zeros((model_cfg.num_moe_layers, E), jnp.float32), jnp.zeros((D, E), jnp.float32), zero)
     if n == 1:  # no accumulation buffer: saves a full f32 copy of the params' size
-        (g_sum, l_sum, load, mtp_load), _ = micro(jax.tree.map(jnp.zeros_like, init),
-                                                  jax.tree.map(lambda a: a[0], batch))
+        (g_sum, l_sum, load, mtp_load, dropped), _ = micro(jax.tree.map(jnp.zeros_like, init),
+                                                           jax.tree.map(lambda a: a[0], batch))
     else:
-        (g_sum, l_sum, load, mtp_load), _ = jax.lax.scan(micro, init, batch)
+        (g_sum, l_sum, load, mtp_load, dropped), _ = jax.lax.scan(micro, init, batch)
     # Micro-batches have equal token counts, so the mean of per-micro means is the global-batch mean.
     grads = jax.tree.map(lambda g: g / n, g_sum)
     losses = jax.tree.map(lambda v: v / n, l_sum)
@@ -179,6 +179,9 @@ def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_c
         "loss": losses.total, "ce": losses.ce, "mtp_loss": losses.mtp, "balance_loss": losses.balance,
         "grad_norm": grad_norm, "maxvio": max_violation(load), "mtp_maxvio": max_violation(mtp_load),
         "expert_load": load / jnp.maximum(load.mean(-1, keepdims=True), 1e-9),  # [L_moe, E] relative to mean
+        # routed copies dropped for expert-parallel capacity this step (mesh.expert_capacity_factor), of
+        # moe_copies = tokens × K × MoE layers (main + MTP)
+        "moe_dropped": dropped,
         "finite": jnp.isfinite(losses.total) & jnp.isfinite(grad_norm),
     }
     return params, router, opt_state, rng, metrics
@@ -198,7 +201,8 @@ def _on_mesh(mesh: Any, cfg: Config):
     from sharding.partition import parallel_context
 
     m = cfg.mesh
-    return parallel_context(mesh, m.pipeline_microbatches, m.pipeline_schedule, m.pipeline_virtual_stages)
+    return parallel_context(mesh, m.pipeline_microbatches, m.pipeline_schedule, m.pipeline_virtual_stages,
+                            m.expert_capacity_factor)
 
 
 def train_step(state: TrainState, tokens: np.ndarray, cfg: Config, mesh: Any = None
