@@ -99,6 +99,7 @@ def test_mgpu_custom_vjp_equals_xla():
     _close(got[2], ref[2], BF16_ULP)
 
 
+@pytest.mark.slow
 def test_moe_dispatch_on_mgpu_equals_xla():
     """dispatch_ragged with the BF16 Hopper kernels (experts padded to 128 rows) against the unpadded XLA path:
     the output and the gradients of x and of the three expert weights."""
