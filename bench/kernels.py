@@ -1,8 +1,9 @@
 """Kernel benchmarks at the bench config's shapes: grouped GEMM (experts), MLA attention, FP8 GEMM, dense GEMM,
-and the block-scaled FP8 Pallas kernels (dsv3_jax/kernels/fp8_gemm.py) against BF16 at the same shapes, and MLA
+the block-scaled FP8 Pallas kernels (dsv3_jax/kernels/fp8_gemm.py) against BF16 at the same shapes, the Hopper BF16
+grouped GEMMs (bf16_gemm_mgpu.py: fwd, Dgrad, Wgrad) against tokamax and XLA ragged_dot, and MLA
 decode attention over the latent cache (XLA einsums vs the Pallas/Triton flash-decoding kernel).
 
-    python bench/kernels.py [--json OUT.json] [--quick] [--only fp8] [--only mla_decode]
+    python bench/kernels.py [--json OUT.json] [--quick] [--only fp8] [--only mla_decode] [--only bf16_mgpu]
 
 Prints a table (TFLOP/s of useful work, median of --iters runs after a warm-up) and, with --json, writes the
 numbers. On CPU it runs tiny shapes only to check that the script works (--quick is implied; the FP8 Pallas
@@ -449,9 +450,82 @@ def fp8_quant_rows(quick: bool, iters: int) -> list[dict]:
     return rows
 
 
+def bf16_mgpu_rows(quick: bool, iters: int) -> list[dict]:
+    """The Hopper BF16 grouped GEMMs (dsv3_jax/kernels/bf16_gemm_mgpu.py) at the bench config's routed-expert
+    shapes — gate/up [T·k, d]·[E, d, f] and down [T·k, f]·[E, f, d] on 128-aligned groups inside the static
+    padded bound — forward, Dgrad and k-grouped Wgrad in their tile variants, next to tokamax ``ragged_dot`` and
+    XLA's (forward, and their pullbacks for one operand: the same Dgrad / Wgrad work), then forward+backward
+    through ``grouped_matmul`` (impl mgpu's custom VJP vs tokamax's). TFLOP/s count the routed rows only (not
+    the padding). ``rel_err``: ‖kernel − XLA ragged_dot (FP32 out)‖ / ‖XLA‖."""
+    from dsv3_jax.kernels import bf16_gemm_mgpu as bg
+
+    interpret = not on_gpu()
+    iters = 1 if interpret else iters
+    T, d, f, E, k = (8192, 2048, 1024, 64, 6) if not quick else (128, 128, 128, 4, 2)
+    C = T * k
+    P = -(-(C + 127 * E) // 128) * 128  # moe.aligned_layout's static bound
+    sizes = jnp.full((E,), C // E, jnp.int32)  # balanced routing: 768 rows per expert, already 128-aligned
+    assert (C // E) % 128 == 0 or quick
+    if quick:
+        sizes = jnp.array([128, 0, 64 * 2, 0][:E], jnp.int32)
+        C = int(sizes.sum())
+    dn = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
+                                           lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+    keys = iter(jax.random.split(jax.random.key(9), 16))
+    impls = ["tokamax"] if tokamax() is not None else []
+    rows = []
+
+    def timed(op, shape, impl, flops, fn, args, ref=None, n_iters=iters):
+        try:
+            err = {} if ref is None else {"rel_err": _rel_err(jnp.asarray(fn(*args), jnp.float32), ref)}
+            rows.append(_row(op, shape, impl, bench(jax.jit(fn), *args, iters=n_iters), flops, **err))
+        except Exception as e:  # report, keep the table going
+            import traceback
+            traceback.print_exc()
+            rows.append(_error_row(op, shape, impl, e))
+
+    variants = [(128, 4), (128, 3), (64, 4)] if not quick else [(64, 2)]
+    for name, K, N in (("gate/up", d, f), ("down", f, d)):
+        x = jax.random.normal(next(keys), (P, K), jnp.bfloat16).at[C:].set(0)
+        w = (jax.random.normal(next(keys), (E, K, N), jnp.float32) * 0.02).astype(jnp.bfloat16)
+        dy = jax.random.normal(next(keys), (P, N), jnp.bfloat16).at[C:].set(0)
+        flops = 2 * C * K * N
+        fshape, gshape = f"[{P},{K}]x[{E},{K},{N}]", f"[{P},{K}]T.[{P},{N}] /{E}"
+        xla_iters = max(1, min(iters, 2))  # XLA's ragged_dot runs at a few TFLOP/s here: few rounds
+        ref_y = jax.jit(lambda a, b: jax.lax.ragged_dot(a, b, sizes, preferred_element_type=jnp.float32))(x, w)
+        ref_dx = jax.jit(lambda g, b: jax.lax.ragged_dot(g, b.transpose(0, 2, 1), sizes,
+                                                         preferred_element_type=jnp.float32))(dy, w)
+        ref_dw = jax.jit(lambda a, g: jax.lax.ragged_dot_general(a, g, sizes, dn,
+                                                                 preferred_element_type=jnp.float32))(x, dy)
+        for tn, steps in variants:
+            impl = f"mgpu n{2 * tn} s{steps}"
+            kw = dict(tile_n=tn, max_concurrent_steps=steps, interpret=interpret)
+            timed(f"BF16 grouped fwd {name}", fshape, impl, flops,
+                  lambda a, b, kw=kw: bg.grouped_matmul(a, b, sizes, **kw), (x, w), ref_y)
+            timed(f"BF16 grouped dgrad {name}", f"[{P},{N}]x[{E},{K},{N}]T", impl, flops,
+                  lambda g, b, kw=kw: bg.grouped_matmul(g, b, sizes, transpose_b=True, **kw), (dy, w), ref_dx)
+            timed(f"BF16 grouped wgrad {name}", gshape, impl, flops,
+                  lambda a, g, kw=kw: bg.kgrouped_matmul(a, g, sizes, **kw), (x, dy), ref_dw)
+        for impl in impls + ["xla"]:
+            n_it = xla_iters if impl == "xla" else iters
+            gm = functools.partial(grouped_matmul, impl=impl)
+            timed(f"BF16 grouped fwd {name}", fshape, impl, flops, lambda a, b, gm=gm: gm(a, b, sizes), (x, w),
+                  ref_y, n_it)
+            timed(f"BF16 grouped dgrad {name}", f"[{P},{N}]x[{E},{K},{N}]T", impl, flops,
+                  lambda g, a, b, gm=gm: jax.vjp(lambda a_: gm(a_, b, sizes), a)[1](g)[0], (dy, x, w), None, n_it)
+            timed(f"BF16 grouped wgrad {name}", gshape, impl, flops,
+                  lambda g, a, b, gm=gm: jax.vjp(lambda b_: gm(a, b_, sizes), b)[1](g)[0], (dy, x, w), None, n_it)
+        for impl in ["mgpu"] + impls:
+            def fb(a, b, g, impl=impl):
+                y, pull = jax.vjp(lambda a_, b_: grouped_matmul(a_, b_, sizes, impl, aligned=True), a, b)
+                return y, *pull(g)
+            timed(f"BF16 grouped fwd+dgrad+wgrad {name}", fshape, impl, 3 * flops, fb, (x, w, dy))
+    return rows
+
+
 SECTIONS = {"dense": dense_rows, "grouped": grouped_gemm_rows, "attention": attention_rows,
             "fp8": fp8_block_scaled_rows, "fp8_sweep": fp8_sweep_rows, "fp8_mgpu": fp8_mgpu_rows,
-            "fp8_quant": fp8_quant_rows, "mla_decode": mla_decode_rows}
+            "fp8_quant": fp8_quant_rows, "mla_decode": mla_decode_rows, "bf16_mgpu": bf16_mgpu_rows}
 
 
 def main(argv: list[str] | None = None) -> int:

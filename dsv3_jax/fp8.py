@@ -212,7 +212,8 @@ class Prequantized(NamedTuple):
 EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")  # MoE's routed-expert params, [..., E, in, out]
 
 
-def _expert_leaf(path, w) -> bool:
+def expert_leaf(path, w) -> bool:
+    """Whether a params-tree leaf is a routed-expert weight (stacked [L, E, in, out] or [E, in, out])."""
     key = getattr(path[-1], "key", None)
     return key in EXPERT_WEIGHTS and getattr(w, "ndim", 0) >= 3  # a dense MLP's are {"kernel": ...} dicts
 
@@ -225,7 +226,7 @@ def prequantize_experts(params, pow2: bool = False) -> dict:
     expert parameter while the step runs."""
     out = {}
     for path, w in jax.tree_util.tree_leaves_with_path(params):
-        if _expert_leaf(path, w):
+        if expert_leaf(path, w):
             # gradient-free (and the Pallas kernel has no JVP to trace)
             _, qt, scale = _weight_blocks(jax.lax.stop_gradient(w), pow2, transposed_only=True)
             out[path] = Quantized(qt, scale)

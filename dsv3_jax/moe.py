@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from dsv3_jax import fp8
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kernels import grouped_matmul
+from dsv3_jax.kernels.grouped_matmul import wants_aligned_rows
 from dsv3_jax.kernels._backend import on_gpu
 from dsv3_jax.layers import MLP, dequantize_weight, dtype_of, fp8_weight_param, logical, normal_init, swiglu
 
@@ -85,10 +86,11 @@ def expert_matmul(a: jax.Array, w: Weight, sizes: jax.Array, impl: str = "auto",
     """Rows a [M, k] grouped by expert (``sizes`` [E]) × w [E, k, n] → [M, n]: the grouped GEMM of the experts.
 
     ``fp8_pow2`` None: :func:`grouped_matmul` in a's dtype. Else FP8 (REFERENCE §8; power-of-two scales if True).
-    ``aligned``: groups padded to multiples of 128 rows (:func:`aligned_layout`), for the FP8 Hopper kernels.
+    ``aligned``: groups padded to multiples of 128 rows (:func:`aligned_layout`), for the Hopper kernels (FP8, or
+    BF16 with ``impl`` mgpu).
     """
     if fp8_pow2 is None:
-        return grouped_matmul(a, w, sizes, impl)
+        return grouped_matmul(a, w, sizes, impl, aligned=aligned)
     return fp8.fp8_grouped_matmul(a, w, sizes, fp8_pow2, aligned=aligned)
 
 
@@ -159,14 +161,17 @@ def expert_rows(rows: jax.Array, ids: jax.Array, w_gate: Weight, w_up: Weight, w
     Rows are sorted by expert, run through grouped matmuls and unsorted (no scatter). An id ≥ E (the number of
     experts in ``w_gate``) marks an empty row: it sorts last, is computed by no expert and comes back as zeros.
     ``fp8_pow2`` not None: expert GEMMs in FP8 (REFERENCE §8) with power-of-two scales if True.
-    ``align``: pad every expert's rows to a multiple of this (:func:`aligned_layout`); None: 128 when the FP8
-    GEMMs run the Hopper kernels (:func:`dsv3_jax.fp8.aligned_groups`) and there are at least
-    ``ALIGN_MIN_ROWS_PER_EXPERT`` rows per expert (training batches; decode stays unpadded), else 0.
+    ``align``: pad every expert's rows to a multiple of this (:func:`aligned_layout`); None: 128 when the
+    GEMMs run Hopper kernels that want it — FP8's (:func:`dsv3_jax.fp8.aligned_groups`) or BF16's (``impl`` mgpu,
+    or auto with ``DSV3_BF16_GEMM=mgpu`` on a GPU: :func:`dsv3_jax.kernels.grouped_matmul.wants_aligned_rows`) —
+    and there are at least ``ALIGN_MIN_ROWS_PER_EXPERT`` rows per expert (training batches; decode stays
+    unpadded), else 0.
     """
     R = rows.shape[0]
     E = w_gate.shape[0]
     if align is None:  # padding costs up to 127 rows per expert: only worth it for batches this size or more
-        align = fp8.BLOCK if (fp8_pow2 is not None and fp8.aligned_groups() and not isinstance(w_gate, fp8.Quantized)
+        kernels = fp8.aligned_groups() if fp8_pow2 is not None else wants_aligned_rows(impl)
+        align = fp8.BLOCK if (kernels and not isinstance(w_gate, fp8.Quantized)
                               and R >= ALIGN_MIN_ROWS_PER_EXPERT * E) else 0
     order, inverse, sizes = sort_by_expert(ids, E)  # row j of the sorted batch is row order[j]
     if align:

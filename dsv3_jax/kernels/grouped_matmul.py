@@ -1,28 +1,91 @@
 """Grouped (ragged) matmul for MoE experts: rows sorted by group, one weight matrix per group.
 
 ``lhs [M, k]`` rows are grouped contiguously by ``group_sizes [G]``; ``rhs [G, k, n]`` → ``[M, n]``. Rows past
-``sum(group_sizes)`` are unspecified (callers mask them). On a GPU with tokamax installed the Mosaic-GPU kernel
-runs (jax.lax.ragged_dot is ~7 TFLOP/s on H100, see ../shared/GPU.md); elsewhere ``jax.lax.ragged_dot``.
-Both are differentiable.
+``sum(group_sizes)`` are unspecified (callers mask them). Implementations (``impl``):
+
+- ``tokamax``: tokamax's Mosaic-GPU ``ragged_dot`` (jax.lax.ragged_dot is ~7 TFLOP/s on H100, ../shared/GPU.md);
+- ``xla``: ``jax.lax.ragged_dot``;
+- ``mgpu``: this project's Hopper BF16 kernels (:mod:`.bf16_gemm_mgpu`: forward, Dgrad and k-grouped Wgrad under
+  one custom VJP), only on rows in 128-aligned groups (``aligned``, :func:`dsv3_jax.moe.aligned_layout`);
+  unaligned calls take ``auto``. Off the GPU they run in Mosaic GPU's interpreter (slow: tests only);
+- ``auto``: ``mgpu`` on a GPU when ``DSV3_BF16_GEMM=mgpu`` and the rows are aligned, else tokamax on a GPU with
+  tokamax installed, else xla.
+
+All are differentiable.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.kernels._backend import tokamax
+from dsv3_jax.kernels import bf16_gemm_mgpu
+from dsv3_jax.kernels._backend import on_gpu, tokamax
 
-IMPLS = ("auto", "xla", "tokamax")
+IMPLS = ("auto", "xla", "tokamax", "mgpu")
+MODES = ("auto", "mgpu")
 
 
-def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, impl: str = "auto") -> jax.Array:
-    """[M, k] × [G, k, n] with contiguous row groups → [M, n] in lhs.dtype (f32 accumulation)."""
+def bf16_gemm_mode() -> str:
+    """``DSV3_BF16_GEMM`` (read at every call; default ``auto``): ``mgpu`` lets ``impl='auto'`` take the Hopper
+    BF16 kernels on a GPU (for rows the MoE dispatch lays out 128-aligned); ``auto`` keeps tokamax / XLA."""
+    mode = os.environ.get("DSV3_BF16_GEMM", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"DSV3_BF16_GEMM={mode!r}: expected one of {MODES}")
+    return mode
+
+
+def wants_aligned_rows(impl: str) -> bool:
+    """Whether ``impl`` would run the ``mgpu`` kernels, so MoE dispatch should pad experts to 128 rows."""
+    return impl == "mgpu" or (impl == "auto" and on_gpu() and bf16_gemm_mode() == "mgpu")
+
+
+def _tile_n(n: int) -> int:
+    """Columns per compute warpgroup: 128 (the fast tile); 64 for narrow outputs (N ≤ 128: the tests)."""
+    return 128 if n > 128 else 64
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _mgpu_grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, interpret: bool) -> jax.Array:
+    """x [M, K] (aligned groups) × w [G, K, N] (x's dtype) → [M, N] on the Hopper BF16 kernels."""
+    return bf16_gemm_mgpu.grouped_matmul(x, w, group_sizes, tile_n=_tile_n(w.shape[2]), interpret=interpret)
+
+
+def _mgpu_grouped_fwd(x, w, group_sizes, interpret):
+    return _mgpu_grouped(x, w, group_sizes, interpret), (x, w, group_sizes)
+
+
+def _mgpu_grouped_bwd(interpret, res, dy):
+    x, w, group_sizes = res
+    dy = dy.astype(x.dtype)
+    # Dgrad: dy [M, N] · w[g]ᵀ, w read as stored ([G, K, N] is the transposed operand's [G, out, contraction])
+    dx = bf16_gemm_mgpu.grouped_matmul(dy, w, group_sizes, transpose_b=True, tile_n=_tile_n(w.shape[1]),
+                                       interpret=interpret)
+    # Wgrad: per expert x[rows]ᵀ · dy[rows], both token-major as they are
+    dw = bf16_gemm_mgpu.kgrouped_matmul(x, dy, group_sizes, w.dtype, tile_n=_tile_n(w.shape[2]), interpret=interpret)
+    return dx, dw, None
+
+
+_mgpu_grouped.defvjp(_mgpu_grouped_fwd, _mgpu_grouped_bwd)
+
+
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, impl: str = "auto",
+                   aligned: bool = False) -> jax.Array:
+    """[M, k] × [G, k, n] with contiguous row groups → [M, n] in lhs.dtype (f32 accumulation).
+
+    ``aligned``: M and every group size are multiples of 128 and rows past the sum are zero (what
+    :func:`dsv3_jax.moe.aligned_layout` makes): only then can ``mgpu`` run.
+    """
     if impl not in IMPLS:
         raise ValueError(f"grouped_matmul impl={impl!r}: expected one of {IMPLS}")
     rhs = rhs.astype(lhs.dtype)
     group_sizes = group_sizes.astype(jnp.int32)
-    tk = tokamax() if impl in ("auto", "tokamax") else None
+    if aligned and wants_aligned_rows(impl):
+        return _mgpu_grouped(lhs, rhs, group_sizes, not on_gpu())
+    tk = tokamax() if impl in ("auto", "tokamax", "mgpu") else None
     if impl == "tokamax" and tk is None:
         raise RuntimeError("grouped_matmul impl='tokamax' needs a GPU and the tokamax package (pip install .[gpu])")
     if tk is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -126,6 +127,23 @@ def max_violation(load: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def experts_cast_ahead(model_cfg: ModelConfig) -> bool:
+    """Whether the step casts the routed experts' FP32 master weights to the compute dtype once, ahead of the
+    layer scan (:func:`cast_experts`), instead of every layer casting its slice in each pass (forward and
+    rematerialised forward). Opt-in, ``DSV3_BF16_EXPERTS_AHEAD=1`` (read when the step is traced): the same
+    numbers, but the BF16 copy of all experts (2 bytes a parameter) and their stacked BF16 gradient live through
+    the step's backward, which the 13-layer bench config has no room for. Only without FP8 (FP8 prequantises)."""
+    flag = os.environ.get("DSV3_BF16_EXPERTS_AHEAD", "0").strip().lower() not in ("", "0", "false", "no")
+    return flag and not model_cfg.fp8 and not model_cfg.fp8_weights and model_cfg.dtype != model_cfg.param_dtype
+
+
+def cast_experts(params, dtype):
+    """``params`` with every routed-expert weight cast to ``dtype`` (differentiable: the gradient reaches the
+    master weight as the cast's transpose). The layout stays the stored [..., E, in, out]: the BF16 Hopper
+    kernels read it as is for the forward and transposed in shared memory for the Dgrad."""
+    return jax.tree_util.tree_map_with_path(lambda p, w: w.astype(dtype) if fp8.expert_leaf(p, w) else w, params)
+
+
 @functools.partial(jax.jit, static_argnames=("model_cfg", "opt", "balance_alpha"),
                    donate_argnames=("params", "router", "opt_state", "rng"))
 def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_cfg: ModelConfig,
@@ -139,8 +157,11 @@ def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_c
     # (fp8.prequantize_experts); the GEMMs read them and still return the master weights' gradients.
     pre = (fp8.prequantize_experts(params, model_cfg.fp8_pow2_scales)
            if model_cfg.fp8 and not model_cfg.fp8_weights else {})
+    ahead = experts_cast_ahead(model_cfg)
 
     def loss_fn(p, b):
+        if ahead:  # BF16: one cast of the stacked experts per micro-batch, outside the layer scan
+            p = cast_experts(p, jnp.dtype(model_cfg.dtype))
         tok = b["tokens"]
         positions = b["positions"][:, :-1] if "positions" in b else None
         out = model.apply({"params": fp8.with_prequantized(p, pre) if pre else p, "router": router}, tok[:, :-1],

@@ -1,0 +1,269 @@
+"""BF16 grouped GEMMs for Hopper as Pallas Mosaic-GPU kernels (WGMMA, TMA, warp specialisation): the MoE experts'
+forward, input-grad (Dgrad) and k-grouped weight-grad (Wgrad) on the 128-row aligned expert layout.
+
+The FP8 kernels of :mod:`.fp8_gemm_mgpu` are the template (persistent grid of one CTA per SM over output tiles, a
+memory warpgroup streaming K slabs through shared memory with TMA, two compute warpgroups); BF16 has no scales, so
+each compute warpgroup simply accumulates into its WGMMA accumulator. BF16 WGMMA reads either operand transposed
+from shared memory (FP8's cannot), so no operand is ever transposed in HBM::
+
+    grouped   y[r]  = a[r] · b[g(r)]        a [M, K]           b [G, K, N]  (fwd: x · W_g, the stored layout)
+    grouped   dx[r] = dy[r] · b[g(r)]ᵀ      a [M, N']          b [G, K', N'] read as Bᵀ (Dgrad on the same W)
+    kgrouped  dW_g  = Σ_{r ∈ g} a[r]ᵀ b[r]  a [T, K] read as Aᵀ b [T, N]        (Wgrad: xᵀ·dy per expert)
+
+Rows (tokens) come grouped contiguously in groups whose sizes are multiples of 128 (:func:`dsv3_jax.moe.
+aligned_layout`): a 128-row CTA tile (grouped) or a 64-token K slab (kgrouped) never straddles two experts.
+CTA tile 128 rows × 2·tile_n columns (each compute warpgroup owns 128 × tile_n), K slab 64 (one 128-byte swizzle
+row of BF16). Hopper (sm_90) only; off the GPU the same kernels run in Mosaic GPU's interpreter (the CPU tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from dsv3_jax.kernels.fp8_gemm_mgpu import _interpret_params, _mgpu, _num_sms, _up
+
+ROWS = 128  # CTA rows = the aligned layout's group granularity
+TILE_K = 64  # BF16 K slab: 64 × 2 bytes = one 128-byte swizzle row
+EPI = 64  # epilogue tile (rows and columns): output staged through shared memory in 64×64 pieces
+
+
+def _kernel(*refs, out_dtype, tile_n: int, steps: int, mode: str, a_t: bool, b_t: bool, acc_in_place: bool):
+    """One kernel for the three layouts (see the module docstring), over [M/128, N/(2·tile_n)] output tiles.
+
+    grouped   gid [M/128] (group of each 128-row tile, -1 past the last group), a [M, K], b [G, K, N]
+              (``b_t``: [G, N, K]) → out [M, N]; tiles with gid -1 are stored as zeros without an MMA.
+    kgrouped  gid [T/64 + 1] (group of each 64-token slab, -1 for none, then a -1 sentinel), a [T, M]
+              (``a_t``), b [T, N] → out [G, M, N]; each group's slabs are contiguous; a tile is stored when
+              its group's last slab is done (groups with no slab are never written: the wrapper zeroes them).
+              ``acc_in_place``: each slab's MMA accumulates into the carried registers (``pl.run_state``), else
+              into a fresh accumulator added to them (jax < 0.12's interpreter cannot run the former).
+    """
+    plgpu = _mgpu()
+    gid_gmem, a_gmem, b_gmem, out_gmem = refs
+    if mode == "grouped":
+        m, k = a_gmem.shape
+        n = b_gmem.shape[-2] if b_t else b_gmem.shape[-1]
+    else:
+        k, m = a_gmem.shape
+        n = b_gmem.shape[-1]
+    cta_n = 2 * tile_n
+    m_iters, n_iters, k_iters = m // ROWS, n // cta_n, k // TILE_K
+    steps = max(1, min(steps, k_iters))  # slots beyond the K steps would never fill
+    swz = plgpu.find_swizzle(TILE_K * 16)
+    tf = (plgpu.TilingTransform((8, swz // 2)), plgpu.SwizzleTransform(swz))
+    out_bits = jnp.dtype(out_dtype).itemsize * 8
+    out_swz = plgpu.find_swizzle(EPI * out_bits)
+    out_tf = (plgpu.TilingTransform((8, out_swz * 8 // out_bits)), plgpu.SwizzleTransform(out_swz))
+    shape = (ROWS, tile_n)
+    a_block, a_map = ((TILE_K, ROWS), lambda kk: (kk, 0)) if a_t else ((ROWS, TILE_K), lambda kk: (0, kk))
+    b_block, b_map = ((cta_n, TILE_K), lambda kk: (0, kk)) if b_t else ((TILE_K, cta_n), lambda kk: (kk, 0))
+
+    def get_pipeline(body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k_iters,),
+            memory_registers=40,
+            in_specs=[plgpu.BlockSpec(a_block, a_map, transforms=tf, memory_space=plgpu.SMEM),
+                      plgpu.BlockSpec(b_block, b_map, transforms=tf, memory_space=plgpu.SMEM)],
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=steps,
+            compute_context=compute_context,
+        )
+
+    ignore = lambda *_, **__: None
+    b0 = b_gmem.at[0] if mode == "grouped" else b_gmem
+
+    @functools.partial(
+        pl.run_scoped,
+        pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(a_gmem, b0),
+        out_smem=plgpu.SMEM((2, 2, EPI, EPI), out_dtype, transforms=out_tf),
+        collective_axes="wg",
+    )
+    def _scope(pipeline_allocs, out_smem):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="cluster_grid")
+        def _mn_loop(loop_info):
+            (lin,) = loop_info.index
+            mi, ni = lin // n_iters, lin % n_iters
+            m_sl, n_sl = pl.ds(mi * ROWS, ROWS), pl.ds(ni * cta_n, cta_n)
+            wg_cols = pl.ds(wg * tile_n, tile_n)
+
+            def store(acc, dst):
+                """acc [128, tile_n] f32 (registers) → dst (this CTA's [128, 2·tile_n] output tile), in 64×64
+                pieces through two shared-memory slots per warpgroup."""
+                acc = acc.astype(out_dtype)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                for i in range(ROWS // EPI):
+                    for j in range(tile_n // EPI):
+                        slot = (i * (tile_n // EPI) + j) % 2
+                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                        out_smem[wg, slot] = acc[i * EPI:(i + 1) * EPI, j * EPI:(j + 1) * EPI]
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[wg, slot],
+                            dst.at[pl.ds(i * EPI, EPI), pl.ds(wg * tile_n + j * EPI, EPI)])
+
+            def operands(a_smem, b_smem):
+                a = a_smem.transpose((1, 0)) if a_t else a_smem
+                b = b_smem.at[wg_cols].transpose((1, 0)) if b_t else b_smem.at[:, wg_cols]
+                return a, b
+
+            if mode == "grouped":
+                def compute_context(eval_pipeline):
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, jnp.float32))
+                    def _acc(acc_ref):
+                        eval_pipeline(acc_ref)
+                        store(acc_ref[...], out_gmem.at[m_sl, n_sl])
+
+                def body(_, a_smem, b_smem, acc_ref):
+                    plgpu.wgmma(acc_ref, *operands(a_smem, b_smem))
+                    plgpu.wgmma_wait(0)
+                    return acc_ref
+
+                g = gid_gmem[mi]
+                gc = jnp.maximum(g, 0)
+                b_tile = b_gmem.at[gc, n_sl, :] if b_t else b_gmem.at[gc, :, n_sl]
+
+                @pl.when(g >= 0)
+                def _run():
+                    get_pipeline(body, compute_context)(a_gmem.at[m_sl, :], b_tile, allocations=pipeline_allocs)
+
+                @pl.when((g < 0) & (wg < 2))
+                def _zeros():  # tiles past the last group (the static bound's padding): zeros, no MMA
+                    store(plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA),
+                          out_gmem.at[m_sl, n_sl])
+            else:
+                def compute_context(eval_pipeline):
+                    eval_pipeline(plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA))
+
+                def body(idx, a_smem, b_smem, acc):
+                    a, b = operands(a_smem, b_smem)
+
+                    if acc_in_place:  # the MMA accumulates into the carried registers
+                        def mma(acc_ref):
+                            plgpu.wgmma(acc_ref, a, b)
+
+                        acc = pl.run_state(mma)(plgpu.ACC.init(acc))
+                    else:  # into a fresh zeroed accumulator, added after (as the FP8 kernel promotes)
+                        def mma_part(part_ref):
+                            plgpu.wgmma(part_ref, a, b)
+                            return part_ref[...]
+
+                        acc = acc + pl.run_scoped(mma_part, plgpu.ACC(shape, jnp.float32))
+                    (c,) = idx
+                    g, nxt = gid_gmem[c], gid_gmem[c + 1]
+                    last = (g >= 0) & (g != nxt)
+                    pl.when(last)(lambda: store(acc, out_gmem.at[jnp.maximum(g, 0), m_sl, n_sl]))
+                    return acc * jnp.where(last, 0.0, 1.0).astype(jnp.float32)  # a new group starts from zero
+
+                get_pipeline(body, compute_context)(a_gmem.at[:, m_sl], b_gmem.at[:, n_sl],
+                                                    allocations=pipeline_allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _call(mode: str, args: tuple, out_shape: tuple[int, ...], out_dtype, tile_n: int, steps: int, a_t: bool,
+          b_t: bool, interpret: bool, acc_in_place: bool | None = None) -> jax.Array:
+    plgpu = _mgpu()
+    if acc_in_place is None:
+        acc_in_place = not interpret or _interpreter_runs_acc_init()
+    f = plgpu.kernel(
+        functools.partial(_kernel, out_dtype=jnp.dtype(out_dtype), tile_n=tile_n, steps=steps, mode=mode, a_t=a_t,
+                          b_t=b_t, acc_in_place=acc_in_place),
+        out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
+        grid=(2 if interpret else _num_sms(),),
+        grid_names=("cluster_grid",),
+        cluster=(1,),
+        cluster_names=("cluster",),
+        num_threads=3,
+        thread_name="wg",
+        **({"interpret": _interpret_params()} if interpret else {}),
+    )
+    return f(*args)
+
+
+def _interpreter_runs_acc_init() -> bool:
+    """Whether Mosaic GPU's interpreter runs ``pl.run_state`` on a ``plgpu.ACC.init`` accumulator inside the
+    warp-specialised pipeline (jax 0.12 does; 0.11.2 fails with an unlowerable effect). The GPU runs it on both."""
+    return tuple(int(v) for v in jax.__version__.split(".")[:2]) >= (0, 12)
+
+
+def group_of_slabs(group_sizes: jax.Array, rows: int, slab: int) -> jax.Array:
+    """Group of each ``slab``-row slab of ``rows`` grouped rows [rows/slab], -1 past the last group (every group
+    size a multiple of ``slab``)."""
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    t = jnp.arange(rows // slab, dtype=jnp.int32) * slab
+    g = jnp.searchsorted(ends, t, side="right").astype(jnp.int32)
+    return jnp.where(t < ends[-1], g, -1)
+
+
+def _pad_last(x: jax.Array, n: int, axis: int) -> jax.Array:
+    if x.shape[axis] == n:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, n - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+_STATIC = ("out_dtype", "transpose_b", "tile_n", "max_concurrent_steps", "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def grouped_matmul(a: jax.Array, b: jax.Array, group_sizes: jax.Array, out_dtype=None, *, transpose_b: bool = False,
+                   tile_n: int = 128, max_concurrent_steps: int = 3, interpret: bool = False) -> jax.Array:
+    """MoE expert GEMM in BF16 on 128-aligned groups: ``a[r] · b[g(r)]`` ([M, K] × [G, K, N] → [M, N]), or with
+    ``transpose_b`` ``a[r] · b[g(r)]ᵀ`` (b [G, N, K]: the Dgrad reading the forward's weight as stored).
+
+    M a multiple of 128, rows grouped contiguously by ``group_sizes`` [G], every size a multiple of 128; tiles
+    past the sum come out zero without being computed. K a multiple of 64; N is zero-padded to 2·tile_n.
+    f32 accumulation, ``out_dtype`` (default a's) out.
+    """
+    M, K = a.shape
+    G = b.shape[0]
+    N = b.shape[1] if transpose_b else b.shape[2]
+    Kb = b.shape[2] if transpose_b else b.shape[1]
+    if M % ROWS or K % TILE_K or Kb != K or a.dtype != b.dtype or group_sizes.shape != (G,):
+        raise ValueError(f"grouped BF16 GEMM (Mosaic GPU): a {a.shape} {a.dtype} (rows a multiple of {ROWS}, K of "
+                         f"{TILE_K}), b {b.shape} {b.dtype} (transpose_b={transpose_b}), group_sizes "
+                         f"{group_sizes.shape}")
+    out_dtype = jnp.dtype(out_dtype or a.dtype)
+    Np = _up(N, 2 * tile_n)
+    b = _pad_last(b, Np, 1 if transpose_b else 2)
+    gid = group_of_slabs(group_sizes, M, ROWS)
+    out = _call("grouped", (gid, a, b), (M, Np), out_dtype, tile_n, max_concurrent_steps, False, transpose_b,
+                interpret)
+    return out[:, :N] if Np != N else out
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "tile_n", "max_concurrent_steps", "interpret",
+                                             "acc_in_place"))
+def kgrouped_matmul(a: jax.Array, b: jax.Array, group_sizes: jax.Array, out_dtype=None, *, tile_n: int = 128,
+                    max_concurrent_steps: int = 3, interpret: bool = False, acc_in_place: bool | None = None
+                    ) -> jax.Array:
+    """MoE expert Wgrad in BF16: per group g, ``a[rows_g]ᵀ · b[rows_g]`` ([T, M] × [T, N] → [G, M, N]).
+
+    a (x) and b (dy) token-major as the forward produced them (read transposed by the MMA, never copied);
+    tokens grouped contiguously by ``group_sizes`` [G], every size a multiple of 64 (the aligned layout's 128
+    is); T a multiple of 64. M is zero-padded to 128, N to 2·tile_n. Groups without tokens → 0.
+    ``acc_in_place`` None: in place where the backend runs it (see :func:`_kernel`).
+    """
+    T, M = a.shape
+    N = b.shape[1]
+    G = group_sizes.shape[0]
+    if T % TILE_K or b.shape[0] != T or a.dtype != b.dtype:
+        raise ValueError(f"k-grouped BF16 GEMM (Mosaic GPU): a {a.shape} {a.dtype}, b {b.shape} {b.dtype} (same "
+                         f"tokens, a multiple of {TILE_K})")
+    out_dtype = jnp.dtype(out_dtype or a.dtype)
+    Mp, Np = _up(M, ROWS), _up(N, 2 * tile_n)
+    gid = jnp.concatenate([group_of_slabs(group_sizes, T, TILE_K), jnp.full((1,), -1, jnp.int32)])
+    out = _call("kgrouped", (gid, _pad_last(a, Mp, 1), _pad_last(b, Np, 1)), (G, Mp, Np), out_dtype, tile_n,
+                max_concurrent_steps, True, False, interpret, acc_in_place)
+    out = jnp.where((group_sizes > 0)[:, None, None], out, 0)  # groups without tokens were never written
+    return out[:, :M, :N] if (Mp, Np) != (M, N) else out

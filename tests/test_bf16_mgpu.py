@@ -1,0 +1,124 @@
+"""The Hopper BF16 grouped GEMMs (dsv3_jax/kernels/bf16_gemm_mgpu.py, Pallas Mosaic GPU) against XLA's
+``ragged_dot`` in Mosaic-GPU interpret mode on CPU: forward, the Dgrad that reads the weight transposed in shared
+memory, the k-grouped Wgrad (both accumulation forms), the ``mgpu`` custom VJP of ``grouped_matmul``, and MoE's
+dispatch on it end to end, on 128-aligned groups with an empty group and trailing padding.
+
+Tolerances: kernel and XLA both multiply exact BF16 products and accumulate in FP32, in different orders, so FP32
+results agree to a few FP32 ulps of the largest partial sum (1e-5 relative to the output's max); BF16 results are
+that FP32 value rounded once, so an order difference can flip one rounding: ≤ 1 BF16 ulp (2⁻⁸ relative).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax import moe
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.kernels import bf16_gemm_mgpu as bg
+from dsv3_jax.kernels.grouped_matmul import grouped_matmul
+
+SIZES = (128, 0, 256)  # an empty group; 3 of 4 row tiles used, the last is the static bound's padding
+ROWS = 512
+BF16_ULP = 2.0 ** -8
+
+
+def _randn(shape, seed, dtype=jnp.bfloat16) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
+
+
+def _rows(K: int, seed: int) -> jax.Array:
+    """[ROWS, K] BF16 rows for SIZES, zero past their sum (the padding an aligned layout leaves)."""
+    return _randn((ROWS, K), seed).at[sum(SIZES):].set(0)
+
+
+def _close(got, ref, rel: float) -> None:
+    ref = np.asarray(ref, np.float32)
+    np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=0, atol=rel * np.abs(ref).max())
+
+
+_WGRAD_DN = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
+                                              lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+
+
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_grouped_kernel_equals_ragged_dot(transpose_b):
+    """Forward (b [G, K, N] as stored) and the Dgrad form (b [G, N, K] read transposed); N = 96 is zero-padded."""
+    sizes = jnp.array(SIZES, jnp.int32)
+    a, w = _rows(128, 1), _randn((3, 128, 96), 2)
+    ref = jax.lax.ragged_dot(a, w, sizes, preferred_element_type=jnp.float32)
+    b = jnp.swapaxes(w, 1, 2) if transpose_b else w
+    got = bg.grouped_matmul(a, b, sizes, jnp.float32, transpose_b=transpose_b, tile_n=64, interpret=True)
+    assert got.shape == (ROWS, 96) and got.dtype == jnp.float32
+    _close(got, ref, 1e-5)
+    assert not np.asarray(got[sum(SIZES):]).any()  # padding tiles are written as zeros
+
+
+@pytest.mark.parametrize("acc_in_place", [True, False])
+def test_kgrouped_kernel_equals_ragged_dot_general(acc_in_place):
+    """Wgrad per expert over its tokens; the empty group comes out zero; M = 64 and N = 96 are zero-padded."""
+    if acc_in_place and not bg._interpreter_runs_acc_init():
+        pytest.skip("this jax's Mosaic GPU interpreter cannot run pl.run_state accumulators (the GPU can)")
+    sizes = jnp.array(SIZES, jnp.int32)
+    x, dy = _rows(64, 3), _rows(96, 4)
+    ref = jax.lax.ragged_dot_general(x, dy, sizes, _WGRAD_DN, preferred_element_type=jnp.float32)
+    got = bg.kgrouped_matmul(x, dy, sizes, jnp.float32, tile_n=64, interpret=True, acc_in_place=acc_in_place)
+    assert got.shape == (3, 64, 96)
+    _close(got, ref, 1e-5)
+    assert not np.asarray(got[1]).any()
+
+
+def test_bad_shapes_raise():
+    with pytest.raises(ValueError, match="multiple of 128"):
+        bg.grouped_matmul(jnp.zeros((100, 64), jnp.bfloat16), jnp.zeros((1, 64, 64), jnp.bfloat16),
+                          jnp.array([100]), interpret=True)
+
+
+def test_mgpu_custom_vjp_equals_xla():
+    """grouped_matmul(impl='mgpu', aligned) forward and both gradients against impl='xla' (XLA's ragged_dot and its
+    transposes) in BF16: FP32 accumulation rounded once to BF16 on both sides → ≤ 1 BF16 ulp of the max."""
+    sizes = jnp.array(SIZES, jnp.int32)
+    x, w, ct = _rows(64, 5), _randn((3, 64, 128), 6, jnp.float32) * 0.1, _rows(128, 7)
+
+    def f(impl):
+        def loss(x, w):
+            y = grouped_matmul(x, w, sizes, impl, aligned=True)
+            return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32)), y
+        (_, y), (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w)
+        return y, dx, dw
+
+    got, ref = f("mgpu"), f("xla")
+    for g, r in zip(got, ref):
+        assert g.dtype == r.dtype and g.shape == r.shape
+    assert got[2].dtype == jnp.float32  # the master weight's gradient, through the cast
+    used = sum(SIZES)
+    _close(got[0][:used], ref[0][:used], BF16_ULP)
+    _close(got[1][:used], ref[1][:used], BF16_ULP)
+    _close(got[2], ref[2], BF16_ULP)
+
+
+@pytest.mark.slow
+def test_moe_dispatch_on_mgpu_equals_xla():
+    """dispatch_ragged with the BF16 Hopper kernels (experts padded to 128 rows) against the unpadded XLA path:
+    the output and the gradients of x and of the three expert weights."""
+    cfg = ModelConfig(n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1)
+    N, d, F, E = 64, 64, 128, 4
+    x = _randn((N, d), 8)
+    logits = _randn((N, E), 9, jnp.float32)
+    r = moe.route(logits, None, cfg)
+    ws = [_randn(s, 10 + i, jnp.float32) * 0.1 for i, s in enumerate([(E, d, F), (E, d, F), (E, F, d)])]
+
+    def run(impl, align):
+        def loss(x, *ws):
+            y = moe.dispatch_ragged(x, r, *ws, impl=impl, align=align)
+            return jnp.sum(y.astype(jnp.float32) ** 2), y
+        (_, y), g = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(x, *ws)
+        return (y, *g)
+
+    got, ref = run("mgpu", 128), run("xla", 0)
+    # Two BF16 GEMMs, a BF16 SwiGLU between them and the combine: each BF16 rounding may flip (≤ 1 ulp) and
+    # propagate; 4 ulps of the max bounds the chain (the gradients go through it twice).
+    for g, r_ in zip(got, ref):
+        _close(g, r_, 4 * BF16_ULP)
