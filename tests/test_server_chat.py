@@ -8,9 +8,6 @@ EOS. The prompts the engine receives are recorded and checked against the V3.1 l
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 
 import pytest
 
@@ -23,7 +20,7 @@ from dsv3_jax.data import Tokenizer, train_bpe
 from dsv3_jax.data import chat_format as cf
 from dsv3_jax.serving import Engine
 from dsv3_jax.serving.app import create_app
-from tests.common import random_variables, tiny_config
+from tests.common import random_variables, running_server, tiny_config
 
 MAX_LEN = 512
 TEXT = "def add(a, b):\n    return a + b\n\nParis weather city unit think plan answer tools\n" * 20
@@ -74,22 +71,8 @@ def server(tok):
     cfg = tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=MAX_LEN)
     engine = Engine(cfg, random_variables(cfg), tokenizer=tok, max_slots=2, max_len=MAX_LEN)
     forced = Forced(engine, tok)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, tok, MODEL, api_key=KEY), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, timeout=300, max_retries=0)
-    yield client, forced
-    srv.should_exit = True
-    thread.join(15)
-    sock.close()
+    with running_server(create_app(engine, tok, MODEL, api_key=KEY)) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key=KEY, timeout=300, max_retries=0), forced
 
 
 def ask(server, text: str, stream: bool = False, **kw):
