@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from dsv3_jax.config import ModelConfig, RopeScaling
@@ -54,3 +59,27 @@ TINY_MODEL_OVERRIDES = (
     "model.num_experts_per_tok=2", "model.max_position_embeddings=64", "model.rope_scaling=null",
     "model.dtype=float32", "data.seq_len=16", "data.tokenizer_vocab_size=256",
 )
+
+
+@contextlib.contextmanager
+def running_server(app) -> Iterator[str]:
+    """Serve an ASGI ``app`` with uvicorn on a free 127.0.0.1 port in a background thread → its base url."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(15)
+        sock.close()

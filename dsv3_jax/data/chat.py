@@ -84,12 +84,7 @@ def encode_chat(tokenizer: Tokenizer, sample: dict, template: str | None = None)
         spans = chat_format.render(messages, tools, thinking=thinking)
     else:
         spans = chat_format.render_jinja(template, messages, tools, thinking=thinking)
-    ids: list[int] = []
-    mask: list[int] = []
-    for s in spans:
-        piece = tokenizer.encode(s.text, allow_special=s.special)
-        ids += piece
-        mask += [int(s.trained)] * len(piece)
+    ids, mask = chat_format.encode_spans(tokenizer, spans)
     return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
 

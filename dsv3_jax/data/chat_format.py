@@ -159,6 +159,17 @@ def render_text(spans: Sequence[Span]) -> str:
     return "".join(s.text for s in spans)
 
 
+def encode_spans(tokenizer: Any, spans: Sequence[Span]) -> tuple[list[int], list[int]]:
+    """Spans → (token ids, loss mask 0/1 per id): markers with special-token parsing, text plainly."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for s in spans:
+        piece = tokenizer.encode(s.text, allow_special=s.special)
+        ids += piece
+        mask += [int(s.trained)] * len(piece)
+    return ids, mask
+
+
 def render_jinja(template: str, messages: Sequence[dict], tools: Sequence[dict] | None = None,
                  thinking: bool = False, add_generation_prompt: bool = False, bos_token: str = BOS,
                  eos_token: str = EOS) -> list[Span]:

@@ -12,9 +12,10 @@ Errors are 4xx with OpenAI's body ``{"error": {"message", "type", "param", "code
 or mistyped fields, out-of-range sampling parameters, prompts or max_tokens past the context, unknown model
 (404), bad API key (401), full queue (429).
 
-Chat prompts use the tokenizer's ``chat_template`` (``tokenizer_config.json`` beside ``tokenizer.json``)
-when jinja2 is installed, else :func:`default_chat_prompt` — DeepSeek-V3's own layout:
-``<BOS>{system}<｜User｜>{user}<｜Assistant｜>{assistant}<EOS>...<｜Assistant｜>``.
+Chats use the DeepSeek-V3.1 format (``dsv3_jax/serving/chat.py``): the prompt renders with the tokenizer's
+``chat_template`` (``tokenizer_config.json`` beside ``tokenizer.json``) or the built-in V3.1 layout, with ``tools``
+and in the mode of ``chat_template_kwargs: {"thinking": bool}``; the output splits into ``reasoning_content``,
+``content`` and ``tool_calls`` (finish_reason ``tool_calls``), in streamed deltas too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -32,10 +33,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dsv3_jax.data.chat_format import ChatFormatError
+from dsv3_jax.serving import chat as chatfmt
 from dsv3_jax.serving.engine import Engine, EngineBusy, Event
 from dsv3_jax.serving.sampling import RequestError, SamplingParams
-
-USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
 
 
 class APIError(Exception):
@@ -84,49 +85,18 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatBody(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
-
-
-def _text_of(content: str | list[dict[str, Any]] | None) -> str:
-    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-        if any(part.get("type") != "text" for part in content):
-            raise APIError(400, "only text content parts are supported", param="messages")
-        return "".join(str(part.get("text", "")) for part in content)
-    return content or ""
-
-
-def default_chat_prompt(messages: Sequence[ChatMessage], tokenizer: Any, add_bos: bool = True) -> list[int]:
-    """DeepSeek-V3's chat layout, encoding message text as plain text (it cannot inject special tokens)."""
-    ids = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
-    for m in messages:
-        text = _text_of(m.content)
-        if m.role in ("system", "developer"):
-            ids += tokenizer.encode(text)
-        elif m.role == "assistant":
-            ids += tokenizer.encode(ASSISTANT, allow_special=True) + tokenizer.encode(text) + [tokenizer.eos_id]
-        else:
-            ids += tokenizer.encode(USER, allow_special=True) + tokenizer.encode(text)
-    return ids + tokenizer.encode(ASSISTANT, allow_special=True)
-
-
-def jinja_chat_prompt(template: str, messages: Sequence[ChatMessage], tokenizer: Any) -> list[int] | None:
-    """Render an HF ``chat_template`` (None when jinja2 is not installed)."""
-    try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        return None
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    specials = {"bos_token": tokenizer.decode([tokenizer.bos_id]) if tokenizer.bos_id is not None else "",
-                "eos_token": tokenizer.decode([tokenizer.eos_id])}
-    text = env.from_string(template).render(
-        messages=[{"role": m.role, "content": _text_of(m.content)} for m in messages],
-        add_generation_prompt=True, **specials)
-    return tokenizer.encode(text, allow_special=True)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,12 +170,17 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | N
         body = await _parse(request, ChatBody)
         if body.logprobs:
             raise APIError(400, "logprobs are not supported", param="logprobs")
-        ids = jinja_chat_prompt(chat_template, body.messages, tokenizer) if chat_template else None
-        if ids is None:
-            ids = default_chat_prompt(body.messages, tokenizer)
+        try:
+            thinking = chatfmt.thinking_of(body.chat_template_kwargs)
+            tools = chatfmt.tools_for(body.tools, body.tool_choice)
+            messages = [m.model_dump(exclude_none=True) for m in body.messages]
+            ids = chatfmt.chat_prompt(messages, tokenizer, tools, thinking, chat_template)
+        except (ChatFormatError, ValueError) as e:
+            raise APIError(400, str(e), param="messages" if isinstance(e, ChatFormatError) else None) from None
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = _sampling(body, limit, len(ids))
-        return await _run(request, body, [ids], params, chat=True)
+        parser = chatfmt.OutputParser(thinking, tools=bool(tools))
+        return await _run(request, body, [ids], params, chat=True, parsers=[parser])
 
     async def _parse(request: Request, model: type[_Body]) -> Any:
         try:
@@ -239,7 +214,7 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | N
             stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=bool(body.ignore_eos))
 
     async def _run(request: Request, body: _Body, prompts: list[list[int]], params: SamplingParams,
-                   chat: bool) -> Response:
+                   chat: bool, parsers: list[chatfmt.OutputParser] | None = None) -> Response:
         for p in prompts:
             _check(p, params)
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
@@ -266,9 +241,10 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | N
 
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
-            return _CleanupStream(_sse(queue, done, meta, chat, usage, [len(p) for p in prompts]), cancel_unfinished)
+            return _CleanupStream(_sse(queue, done, meta, parsers, usage, [len(p) for p in prompts]),
+                                  cancel_unfinished)
         try:
-            result = await _collect(request, queue, done, meta, chat, [len(p) for p in prompts])
+            result = await _collect(request, queue, done, meta, parsers, [len(p) for p in prompts])
         finally:
             cancel_unfinished()
         return Response(status_code=499) if result is None else JSONResponse(result)
@@ -279,8 +255,8 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | N
         except RequestError as e:
             raise _as_api_error(e) from None
 
-    async def _collect(request: Request, queue: asyncio.Queue, done: list[bool], meta: dict, chat: bool,
-                       prompt_lens: list[int]) -> dict[str, Any] | None:
+    async def _collect(request: Request, queue: asyncio.Queue, done: list[bool], meta: dict,
+                       parsers: list[chatfmt.OutputParser] | None, prompt_lens: list[int]) -> dict[str, Any] | None:
         """Wait for every prompt's last event → the response body (None if the client went away)."""
         n = len(done)
         texts, reasons, counts = [""] * n, [""] * n, [0] * n
@@ -297,28 +273,31 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | N
             done[i] = ev.finish_reason is not None
         if "error" in reasons or "cancelled" in reasons:
             raise APIError(500, "generation failed on the server; see its log", "server_error")
-        choices = [({"index": i, "message": {"role": "assistant", "content": t}} if chat
-                    else {"index": i, "text": t}) | {"logprobs": None, "finish_reason": r}
-                   for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]
-        return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+        if parsers:
+            choices = [{"index": i, "message": chatfmt.message(p.feed(t) + p.finish(), p.thinking),
+                        "finish_reason": chatfmt.finish_reason(r, p)}
+                       for i, (t, r, p) in enumerate(zip(texts, reasons, parsers, strict=True))]
+        else:
+            choices = [{"index": i, "text": t, "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]
+        choices = [c | {"logprobs": None} for c in choices]
+        return {**meta, "object": "chat.completion" if parsers else "text_completion", "choices": choices,
                 "usage": _usage(sum(prompt_lens), sum(counts))}
 
-    async def _sse(queue: asyncio.Queue, done: list[bool], meta: dict, chat: bool, include_usage: bool,
-                   prompt_lens: list[int]) -> AsyncIterator[str]:
-        obj = "chat.completion.chunk" if chat else "text_completion"
+    async def _sse(queue: asyncio.Queue, done: list[bool], meta: dict, parsers: list[chatfmt.OutputParser] | None,
+                   include_usage: bool, prompt_lens: list[int]) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if parsers else "text_completion"
         counts = [0] * len(done)
 
-        def chunk(i: int, text: str | None, reason: str | None, role: bool = False) -> str:
-            if chat:
-                delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
-                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+        def chunk(i: int, text: str | None, reason: str | None, delta: dict[str, Any] | None = None) -> str:
+            if parsers:
+                choice = {"index": i, "delta": delta or {}, "logprobs": None, "finish_reason": reason}
             else:
                 choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
             return f"data: {json.dumps({**meta, 'object': obj, 'choices': [choice]})}\n\n"
 
-        if chat:
+        if parsers:
             for i in range(len(done)):
-                yield chunk(i, "", None, role=True)
+                yield chunk(i, None, None, {"role": "assistant", "content": ""})
         while not all(done):
             i, ev = await queue.get()
             counts[i] = ev.completion_tokens
@@ -327,6 +306,12 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | N
                 error = {"message": f"generation {ev.finish_reason} on the server", "type": "server_error",
                          "param": None, "code": None}
                 yield f"data: {json.dumps({'error': error})}\n\n"
+            elif parsers:  # reasoning / content / tool-call deltas, then the finish reason on its own
+                p = parsers[i]
+                for d in p.feed(ev.text) + (p.finish() if ev.finish_reason else []):
+                    yield chunk(i, None, None, d.openai())
+                if ev.finish_reason:
+                    yield chunk(i, None, chatfmt.finish_reason(ev.finish_reason, p))
             elif ev.text or ev.finish_reason:
                 yield chunk(i, ev.text, ev.finish_reason)
         if include_usage:
