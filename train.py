@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # DistributedError: a partial or malformed launch environment
         return _error(str(e), 2)
 
+    from dsv3_jax.training.checkpoint import CheckpointDamaged
     from dsv3_jax.training.loop import Diverged, train
 
     try:
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg, make_train_iter, make_eval_iter if cfg.train.eval_every > 0 else None)
     except Diverged as e:
         return _error(str(e), 3)
-    except ConfigError as e:  # e.g. run_dir holds checkpoints of a different model
+    except (ConfigError, CheckpointDamaged) as e:  # a different model, another writer, no intact checkpoint
         return _error(str(e), 2)
     if jax.process_index() == 0:
         print(f"done: step {result.step}, {result.tokens_seen} tokens, run dir {cfg.run_dir}", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,10 +24,11 @@ import pytest
 from dsv3_jax.config import Config, ConfigError, ModelConfig, TrainConfig, load_config, save_config
 from dsv3_jax.model import ModelOutput, Transformer
 from dsv3_jax.training import optim
-from dsv3_jax.training.checkpoint import Checkpointer, restore_params
+from dsv3_jax.training.checkpoint import CheckpointDamaged, Checkpointer, restore_params
 from dsv3_jax.training.loop import Diverged, train
 from dsv3_jax.training.loss import compute_losses, mtp_targets
 from dsv3_jax.training.metrics import flops_per_token
+from dsv3_jax.training.runlock import RunDirLock, RunDirLocked
 from dsv3_jax.training.step import TrainState, init_state, max_violation, train_step, update_router
 from tests.common import TINY_MODEL_OVERRIDES
 from tests.synthetic_data import SyntheticIterator
@@ -365,6 +367,78 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(Diverged, match=r"step 3: loss=nan .* Last good checkpoint: .*checkpoints/2"):
         train(cfg, make_train)
     assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2]  # the bad step 3 was not saved
+
+
+def _largest_data_file(step_dir: Path, item: str) -> Path:
+    return max((p for p in (step_dir / item).rglob("*") if p.is_file() and p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)
+
+
+def test_damaged_checkpoint_falls_back_and_ends_bit_identical(tmp_path, capsys):
+    """Issue 24: 4 KB overwritten in a data file of the latest step and a truncated data file of the one before:
+    the resume reports both (naming step and file or arrays), restores the newest intact step instead, and the
+    run ends with exactly the losses it had before the damage."""
+    run = tmp_path / "damaged"
+    cfg = tiny_cfg(run, "train.steps=8")
+    train(cfg, *data_fns(cfg))  # checkpoints 4, 6, 8 (keep 3)
+    undamaged = read_jsonl(run / "metrics.jsonl")
+    ck = run / "checkpoints"
+
+    target = _largest_data_file(ck / "8", "variables")
+    with open(target, "r+b") as f:  # garble 4 KB in the middle
+        f.seek(target.stat().st_size // 2)
+        f.write(np.random.default_rng(0).bytes(4096))
+    target = _largest_data_file(ck / "6", "opt")
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])  # truncated
+    with pytest.raises(CheckpointDamaged, match=r"checkpoints/8.*does not match its checksums \(array"):
+        restore_params(run, step=8)  # an explicit step: refused, naming it
+    with pytest.raises(CheckpointDamaged, match=r"checkpoints/6 cannot be read .*truncated"):
+        Checkpointer(ck).restore(init_state(cfg), step=6)
+    capsys.readouterr()
+    assert train(cfg, *data_fns(cfg)).step == 8
+    err = capsys.readouterr().err
+    assert re.search(r"checkpoint \S+/checkpoints/8: the data in \S+/checkpoints/8/variables does not match", err)
+    assert re.search(r"checkpoint \S+/checkpoints/6 cannot be read", err), err
+    assert re.search(r"resuming from the newest intact checkpoint \S+/checkpoints/4", err), err
+    assert sorted(p.name for p in (run / "checkpoints.damaged").iterdir()) == ["6", "8"]
+
+    b = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in undamaged] == [r["step"] for r in b] == list(range(1, 9))
+    for key in ("loss", "grad_norm", "maxvio"):
+        assert [r[key] for r in undamaged] == [r[key] for r in b], key
+
+    # No intact step at all: a clear error naming each damaged one.
+    for step in Checkpointer(ck).all_steps():
+        t = _largest_data_file(ck / str(step), "variables")
+        t.write_bytes(t.read_bytes()[:10])
+    with pytest.raises(CheckpointDamaged, match=r"no intact checkpoint .*checkpoints/8.*checkpoints/6"):
+        Checkpointer(ck).restore(init_state(cfg))
+
+
+def test_one_writer_per_run_dir(tmp_path, capsys):
+    """Issue 24: a second trainer on a live run dir stops at once naming the holder; the lock dies with its
+    process however it ends (kill -9 leaves no stale lock)."""
+    cfg = tiny_cfg(tmp_path, "train.steps=1")
+    with RunDirLock(tmp_path):
+        with pytest.raises(RunDirLocked, match=rf"in use by another training process \(pid {os.getpid()} on "):
+            train(cfg, *data_fns(cfg))
+        import train as train_py
+
+        assert train_py.main(["--data-module", "tests.synthetic_data", *TINY, f"run_dir={tmp_path}"]) == 2
+        assert f"pid {os.getpid()}" in capsys.readouterr().err
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "config.yaml").exists()
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dsv3_jax.training.runlock import "
+                               "RunDirLock; RunDirLock(sys.argv[1]).acquire(); print('ok', flush=True); "
+                               "time.sleep(60)", str(tmp_path)], env=subprocess_env(), stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "ok"
+    with pytest.raises(RunDirLocked, match=rf"pid {holder.pid} "):
+        RunDirLock(tmp_path).acquire()
+    holder.kill()
+    holder.wait(timeout=30)
+    with RunDirLock(tmp_path):  # the dead holder's lock is gone (the file stays, unlocked)
+        assert (tmp_path / ".lock.0").exists()
 
 
 # ------------------------------------------------------------------------------------------------------------
