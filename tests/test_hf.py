@@ -208,3 +208,33 @@ def test_safetensors_reader_is_lazy_and_exact(tmp_path):
     assert f.shape("a") == (3, 4) and f.dtype("b") == np.dtype(ml_dtypes.bfloat16)
     np.testing.assert_array_equal(f.get("a"), a)
     np.testing.assert_array_equal(f.get("b"), b)
+
+
+def test_malformed_safetensors_named(tmp_path):
+    """Issue 24: a damaged header length or tensor range is a SafetensorsError naming the file (and tensor),
+    never a MemoryError or a reshape error."""
+    from dsv3_jax.safetensors_io import SafetensorsError
+
+    good = tmp_path / "good.safetensors"
+    write_safetensors(good, {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float32)})
+    raw = good.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes((2**60).to_bytes(8, "little") + raw[8:])
+    with pytest.raises(SafetensorsError, match=r"huge\.safetensors: header length 1152921504606846976 runs past"):
+        SafetensorsFile(huge)
+
+    truncated = tmp_path / "trunc.safetensors"
+    truncated.write_bytes(raw[:-8])  # the last tensor's bytes are cut
+    with pytest.raises(SafetensorsError, match=r"trunc\.safetensors: tensor '(a|b)' has data_offsets .* truncated"):
+        SafetensorsFile(truncated)
+
+    header = json.loads(raw[8:8 + n])
+    header["a"]["data_offsets"] = [0, 10**9]
+    blob = json.dumps(header).encode()
+    past = tmp_path / "past.safetensors"
+    past.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n:])
+    with pytest.raises(SafetensorsError, match=r"past\.safetensors: tensor 'a' has data_offsets \[0, 1000000000\]"):
+        SafetensorsFile(past)
+    np.testing.assert_array_equal(SafetensorsFile(good).get("a"), np.arange(6).reshape(2, 3))

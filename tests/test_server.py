@@ -344,3 +344,15 @@ def test_slow_clients_are_timed_out(server, client):
     t0 = time.monotonic()
     r = client.completions.create(model=MODEL, prompt="x", max_tokens=200, **GREEDY)
     assert r.usage.completion_tokens == 200
+
+
+def test_serve_py_missing_or_empty_dir_is_one_line(tmp_path, capsys):
+    import serve
+
+    (tmp_path / "empty").mkdir()
+    for d, expected in ((tmp_path / "nope", "does not exist"), (tmp_path / "empty", "no complete checkpoint")):
+        assert serve.main(["--checkpoint", str(d), "--prompt", "x"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("serve.py: error: ") and expected in err and "Traceback" not in err, err
+    assert serve.main(["--checkpoint", str(tmp_path), "--max-body-bytes", "0"]) == 2
+    assert "--max-body-bytes=0: must be positive" in capsys.readouterr().err

@@ -465,7 +465,10 @@ def test_train_py_config_errors_exit_2_without_traceback(tmp_path, capsys):
                            (["train.global_batch_size=6", "train.micro_batch_size=4"],
                             "multiple of the micro-batch size"),
                            (["mesh.pipeline_schedule=1f1b"], "must be one of 'gpipe', 'circular'"),
-                           (["mesh.pipeline_virtual_stages=0"], "must be ≥ 1")):
+                           (["mesh.pipeline_virtual_stages=0"], "must be ≥ 1"),
+                           (["train.lr=-1"], "train.lr=-1.0: must be a finite number ≥ 0"),  # issue 24
+                           (["train.steps=-5"], "train.steps=-5: must be a positive integer"),
+                           (["train.adam_b2=1.5"], "train.adam_b2=1.5: must be in [0, 1)")):
         assert train_py.main(args) == 2
         assert expected in capsys.readouterr().err
 
