@@ -473,6 +473,33 @@ def test_train_py_config_errors_exit_2_without_traceback(tmp_path, capsys):
         assert expected in capsys.readouterr().err
 
 
+def test_failed_save_is_one_line_naming_the_intact_checkpoint(tmp_path, monkeypatch, capsys):
+    """Issue 24: a save that fails (here: the disk fills up at the second checkpoint) ends train.py with exit 4
+    and one line saying what failed and which checkpoint is intact."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    import train as train_py
+
+    save = ocp.CheckpointManager.save
+    calls = []
+
+    def full_disk(self, step, *args, **kw):
+        calls.append(step)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, step, *args, **kw)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    args = ["--data-module", "tests.synthetic_data", *TINY, f"run_dir={tmp_path}", "train.steps=4"]
+    assert train_py.main(args) == 4
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"train\.py: error: saving step 4 to \S+/checkpoints failed \(OSError: \[Errno 28\] No "
+                        r"space left on device\); the newest complete checkpoint is \S+/checkpoints/2", err), err
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2]
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_0(tmp_path):
     cfg = tiny_cfg(tmp_path / "run", "train.steps=100000", "train.checkpoint_every=100000")

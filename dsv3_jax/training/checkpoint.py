@@ -27,6 +27,7 @@ share.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 
 class CheckpointDamaged(ValueError):
     """A checkpoint step whose arrays do not match their saved checksums, or whose files cannot be read."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (disk full, permissions, ...); the message names the newest complete step."""
 
 
 def _verify(where: Path, item: str, tree: Any, meta: dict[str, Any]) -> None:
@@ -121,7 +126,23 @@ class Checkpointer:
             meta=ocp.args.JsonSave(meta),
             config=ocp.args.JsonSave(to_dict(cfg)),
         )
-        return self._mgr.save(step, args=args, force=True)
+        try:
+            return self._mgr.save(step, args=args, force=True)
+        except Exception as e:
+            raise self._save_failed(e, step) from e
+
+    def _save_failed(self, e: Exception, step: int | None = None) -> CheckpointSaveError:
+        try:
+            with contextlib.suppress(Exception):  # an earlier save may still be finishing
+                self._mgr.wait_until_finished()
+            self._mgr.reload()
+            last = self._mgr.latest_step()
+        except Exception:  # noqa: BLE001 — the summary must not fail too
+            last = None
+        intact = f"{self.directory}/{last}" if last is not None else "none"
+        what = f"step {step}" if step is not None else "a checkpoint"
+        return CheckpointSaveError(f"saving {what} to {self.directory} failed ({type(e).__name__}: "
+                                   f"{' '.join(str(e).split())[:300]}); the newest complete checkpoint is {intact}")
 
     def restore(self, template: TrainState, step: int | None = None,
                 on_damaged: Callable[[str], None] | None = None) -> tuple[TrainState, dict[str, Any] | None]:
@@ -221,11 +242,17 @@ class Checkpointer:
                               f"the saved model config or start a new run_dir.")
 
     def wait(self) -> None:
-        self._mgr.wait_until_finished()
+        """Block until the last save is on disk; :class:`CheckpointSaveError` if writing it failed."""
+        try:
+            self._mgr.wait_until_finished()
+        except Exception as e:
+            raise self._save_failed(e) from e
 
     def close(self) -> None:
-        self._mgr.wait_until_finished()
-        self._mgr.close()
+        try:
+            self.wait()
+        finally:
+            self._mgr.close()
 
 
 def find_checkpoint_dir(path: str | Path) -> Path:
