@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 
 from dsv3_jax.config import Config, ConfigError, from_dict, to_dict
 from dsv3_jax.params_io import restore_target
-from dsv3_jax.training import checksum
+from dsv3_jax import checksum
 from dsv3_jax.training.step import TrainState
 
 _ITEMS = ("variables", "opt", "meta", "config")

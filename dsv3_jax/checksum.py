@@ -52,19 +52,25 @@ def _tree_sums(tree: Any) -> Any:
     return jax.tree.map(_sums, tree)
 
 
-def _key(path: tuple) -> str:
+def key(path: tuple) -> str:
+    """A pytree key path → 'a/b/0' (the name checksums are stored under)."""
     return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def checksums(tree: Any) -> dict[str, str]:
-    """{'a/b/c': 16 hex digits} for every array leaf of ``tree`` (the leaf's key path, '/'-joined)."""
-    arrays = {_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "shape")}
+def checksums(tree: Any, only: set[str] | None = None) -> dict[str, str]:
+    """{'a/b/c': 16 hex digits} for every array leaf of ``tree`` (the leaf's key path, '/'-joined; only the
+    keys in ``only`` if given)."""
+    arrays = {key(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+              if hasattr(x, "shape") and (only is None or key(p) in only)}
     host = jax.device_get(_tree_sums({k: jnp.asarray(v) if isinstance(v, np.ndarray | np.generic) else v
                                       for k, v in arrays.items()}))
     return {k: f"{int(s[0]):08x}{int(s[1]):08x}" for k, s in host.items()}
 
 
-def mismatches(tree: Any, expected: dict[str, str]) -> list[str]:
-    """The key paths of ``tree`` whose checksum differs from ``expected`` (or that it lacks / has extra)."""
-    got = checksums(tree)
+def mismatches(tree: Any, expected: dict[str, str], only: set[str] | None = None) -> list[str]:
+    """The key paths of ``tree`` whose checksum differs from ``expected`` (or that it lacks / has extra);
+    restricted to the keys in ``only`` if given."""
+    got = checksums(tree, only)
+    if only is not None:
+        expected = {k: v for k, v in expected.items() if k in only}
     return sorted(k for k in got.keys() | expected.keys() if got.get(k) != expected.get(k))
