@@ -21,6 +21,9 @@ batching: requests join and leave between steps).
 Threading: ``submit``/``cancel`` may be called from any thread; everything else runs on the engine thread
 (``start``) or on the caller's thread (``generate`` without ``start``). ``on_event`` callbacks run on the
 engine thread and must not block.
+
+Failures: an exception while admitting a request (its prefill) ends that request alone with finish_reason
+"error"; only a failed decode step, which holds every row, fails all requests in flight and resets the cache.
 """
 
 from __future__ import annotations
