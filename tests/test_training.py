@@ -428,10 +428,10 @@ def test_one_writer_per_run_dir(tmp_path, capsys):
         assert f"pid {os.getpid()}" in capsys.readouterr().err
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "config.yaml").exists()
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dsv3_jax.training.runlock import "
-                               "RunDirLock; RunDirLock(sys.argv[1]).acquire(); print('ok', flush=True); "
-                               "time.sleep(60)", str(tmp_path)], env=subprocess_env(), stdout=subprocess.PIPE,
-                              text=True)
+    code = ("import sys, time; from dsv3_jax.training.runlock import RunDirLock; "
+            "RunDirLock(sys.argv[1]).acquire(); print('ok', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=subprocess_env(),
+                              stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "ok"
     with pytest.raises(RunDirLocked, match=rf"pid {holder.pid} "):
         RunDirLock(tmp_path).acquire()

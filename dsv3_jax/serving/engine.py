@@ -372,7 +372,7 @@ class Engine:
                 req = self._waiting.popleft()
             try:
                 self._prefill_row(slot, req)
-            except Exception:
+            except Exception:  # noqa: BLE001 — any failure of this request fails it alone
                 self._fail_one(slot, req)
                 continue
             admitted = True

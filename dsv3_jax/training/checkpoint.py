@@ -39,9 +39,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dsv3_jax import checksum
 from dsv3_jax.config import Config, ConfigError, from_dict, to_dict
 from dsv3_jax.params_io import restore_target
-from dsv3_jax import checksum
 from dsv3_jax.training.step import TrainState
 
 _ITEMS = ("variables", "opt", "meta", "config")
@@ -233,7 +233,7 @@ class Checkpointer:
             return
         try:
             saved = self.saved_config(step).get("model", {})
-        except Exception:  # unreadable: restore reports the damage and falls back
+        except Exception:  # noqa: BLE001 — unreadable: restore reports the damage and falls back
             return
         now = to_dict(cfg)["model"]
         diff = [f"model.{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v]
@@ -291,7 +291,7 @@ def restore_params(ckpt_dir: str | Path, step: int | None = None) -> tuple[dict[
                                                            meta=ocp.args.JsonRestore(),
                                                            config=ocp.args.JsonRestore()))
                 _verify(where, "variables", r.variables, r.meta)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 — any read failure is damage to report
                 damaged.append(_describe(where, e))
                 if step is not None:
                     raise CheckpointDamaged(damaged[-1]) from None
