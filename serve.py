@@ -37,7 +37,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--api-key", default=os.environ.get("DSV3_API_KEY"),
-                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $DSV3_API_KEY, else none)")
+                    help="require 'Authorization: Bearer KEY' on every route but /health, /metrics included, and "
+                         "turn the /docs pages off (default: $DSV3_API_KEY, else none)")
+    ap.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
+                    help="largest request body; larger ones get 413 before they are read (default 8 MiB)")
+    ap.add_argument("--read-timeout", type=float, default=30.0,
+                    help="seconds a client has to send a whole request (headers and body) before its connection "
+                         "is closed (default 30)")
+    ap.add_argument("--keep-alive-timeout", type=int, default=5,
+                    help="seconds an idle keep-alive connection stays open (default 5)")
+    ap.add_argument("--shutdown-timeout", type=int, default=10,
+                    help="on SIGTERM/SIGINT, seconds to let requests in flight finish before closing them "
+                         "(default 10)")
     ap.add_argument("--model-name", help="the model id clients send (default: the weights dir name)")
     ap.add_argument("--max-slots", type=int, default=8, help="concurrent sequences (cache rows)")
     ap.add_argument("--max-len", type=int, help="context per sequence (default min(max_position_embeddings, 4096))")
@@ -51,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    for flag in ("max_body_bytes", "read_timeout", "keep_alive_timeout"):
+        if getattr(args, flag) <= 0:
+            print(f"serve.py: error: --{flag.replace('_', '-')}={getattr(args, flag)}: must be positive",
+                  file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("jax").setLevel(logging.WARNING)
     import jax
@@ -72,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     from dsv3_jax.serving import Engine, RequestError, SamplingParams
     from dsv3_jax.serving.loading import load_model, load_serving_tokenizer
 
-    loaded = load_model(args.checkpoint, args.hf_dir, args.dtype)
+    try:
+        loaded = load_model(args.checkpoint, args.hf_dir, args.dtype)
+    except (OSError, ValueError) as e:  # missing/empty dir, not a checkpoint, damaged files: one line, no traceback
+        print(f"serve.py: error: {e}", file=sys.stderr)
+        return 2
     compute = args.compute_dtype
     if compute is None and jax.default_backend() == "cpu" and loaded.model.dtype != "float32":
         logging.getLogger("serve").info("CPU backend: computing in float32 (model.dtype=%s; pass --compute-dtype to force)",
@@ -116,14 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from dsv3_jax.serving.app import create_app
+    from dsv3_jax.serving.http import server_config
 
     template = tok_cfg.get("chat_template")
     if isinstance(template, list):  # [{"name": ..., "template": ...}]
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     name = args.model_name or loaded.source.absolute().name
     app = create_app(engine, tok, name, api_key=args.api_key, chat_template=template,
-                     add_bos=bool(tok_cfg.get("add_bos_token", False)))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+                     add_bos=bool(tok_cfg.get("add_bos_token", False)), max_body_bytes=args.max_body_bytes)
+    uvicorn.Server(server_config(app, args.host, args.port, read_timeout=args.read_timeout,
+                                 keep_alive=args.keep_alive_timeout, shutdown_timeout=args.shutdown_timeout)).run()
     return 0
 
 

@@ -2,7 +2,9 @@
 
 Writes ``run_dir/config.yaml`` (resolved), ``metrics.jsonl``, ``expert_load.jsonl``, ``events/`` (TensorBoard)
 and ``checkpoints/``. Running the same command again resumes from the latest complete checkpoint.
-SIGTERM/SIGINT: finish the step, save, exit 0. Exit 2: bad config or data setup; exit 3: training diverged.
+SIGTERM/SIGINT: finish the step, save, exit 0. Exit 2: bad config or data setup, run dir in use by another
+process, or no intact checkpoint to resume; exit 3: training diverged; exit 4: writing a checkpoint failed (e.g.
+disk full; the message names the newest complete checkpoint).
 Multi-host: start one process per host with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set
 (or under SLURM ``srun``); see sharding/distributed.py and the README's Multi-host section.
 """
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # DistributedError: a partial or malformed launch environment
         return _error(str(e), 2)
 
+    from dsv3_jax.training.checkpoint import CheckpointDamaged, CheckpointSaveError
     from dsv3_jax.training.init_from import resolve_config, source_tokenizer
     from dsv3_jax.training.loop import Diverged, train
 
@@ -97,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg, make_train_iter, make_eval_iter if cfg.train.eval_every > 0 else None)
     except Diverged as e:
         return _error(str(e), 3)
-    except ConfigError as e:  # e.g. run_dir holds checkpoints of a different model
+    except (ConfigError, CheckpointDamaged) as e:  # a different model, another writer, no intact checkpoint
         return _error(str(e), 2)
+    except CheckpointSaveError as e:  # disk full, ...: one line naming what is intact
+        return _error(str(e), 4)
     if jax.process_index() == 0:
         print(f"done: step {result.step}, {result.tokens_seen} tokens, run dir {cfg.run_dir}", file=sys.stderr)
     return 0

@@ -301,6 +301,32 @@ class TrainConfig:
     # already holds a checkpoint (that run resumes). See dsv3_jax/training/init_from.py.
     init_from: str | None = None
 
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"train.{name}={getattr(self, name)!r}: {why}")
+
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise bad("steps", "must be an integer ≥ 0 (0 = until train.tokens)")
+        for name in ("log_every", "eval_batches", "keep_checkpoints", "batch_ramp_levels"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad(name, "must be a positive integer")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be ≥ 0")
+        for name in ("lr", "lr_final", "weight_decay", "grad_clip", "balance_alpha", "bias_update_speed",
+                     "mtp_lambda", "mtp_lambda_late", "peak_flops", "lr_constant_tokens", "lr_decay_tokens"):
+            v = getattr(self, name)
+            if not (v >= 0 and (math.isfinite(v) or name.endswith("_tokens"))):
+                raise bad(name, "must be a finite number ≥ 0")
+        if self.lr == 0:
+            raise bad("lr", "must be > 0 (the peak learning rate)")
+        for name in ("adam_b1", "adam_b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise bad(name, "must be in [0, 1)")
+        if not self.adam_eps > 0:
+            raise bad("adam_eps", "must be > 0")
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:

@@ -2,11 +2,14 @@
 
 Written by ``python -m dsv3_jax.convert``; read by serving, notebooks and the logit checker. Writes go to a
 temporary directory that is renamed when complete, so an interrupted write leaves nothing half-written.
+``checksums.json`` holds a checksum per array (``checksum.py``); loading verifies every array it restores in its
+saved dtype, so damaged files raise :class:`DamagedCheckpoint` naming them instead of loading silently.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,7 +18,12 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from dsv3_jax import checksum
 from dsv3_jax.config import Config, ModelConfig, load_config, save_config
+
+
+class DamagedCheckpoint(ValueError):
+    """A params checkpoint whose arrays do not match ``checksums.json`` or whose files cannot be read."""
 
 
 def save_variables(out_dir: str | Path, variables: dict, model_cfg: ModelConfig, overwrite: bool = False) -> Path:
@@ -28,6 +36,7 @@ def save_variables(out_dir: str | Path, variables: dict, model_cfg: ModelConfig,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_config(Config(model=model_cfg), tmp / "config.yaml")
+        (tmp / "checksums.json").write_text(json.dumps(checksum.checksums(variables), indent=0))
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "variables", variables)
             ckptr.wait_until_finished()
@@ -49,9 +58,26 @@ def load_variables(ckpt_dir: str | Path, dtype: str | None = None) -> tuple[dict
     if not (d / "config.yaml").exists() or not (d / "variables").exists():
         raise FileNotFoundError(f"{d}: not a dsv3-jax params checkpoint (expects config.yaml and variables/)")
     cfg = load_config(d / "config.yaml")
-    with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(d / "variables").item_metadata.tree
-        variables = ckptr.restore(d / "variables", restore_target(meta, dtype))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            meta = ckptr.metadata(d / "variables").item_metadata.tree
+            target = restore_target(meta, dtype)
+            variables = ckptr.restore(d / "variables", target)
+    except Exception as e:
+        text = " ".join(str(e).split())[:600]
+        raise DamagedCheckpoint(f"params checkpoint {d} cannot be read ({type(e).__name__}: {text}): a file in "
+                                f"{d / 'variables'} is missing, truncated or corrupt") from e
+    if (d / "checksums.json").exists():  # verify the arrays restored in their saved dtype (casts change bits)
+        def dtypes(tree: dict) -> dict:
+            return {checksum.key(p): x.dtype for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+        saved, restored = dtypes(meta), dtypes(variables)
+        same = {k for k, dt in saved.items() if restored.get(k) == dt}
+        bad = checksum.mismatches(variables, json.loads((d / "checksums.json").read_text()), only=same)
+        if bad:
+            raise DamagedCheckpoint(f"params checkpoint {d}: the data in {d / 'variables'} does not match "
+                                    f"checksums.json (arrays {', '.join(bad[:5])}"
+                                    f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''})")
     if dtype is not None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype=dtype))
     return variables, cfg

@@ -32,17 +32,37 @@ class SafetensorsFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
                 raise SafetensorsError(f"{self.path}: not a safetensors file (shorter than 8 bytes)")
             (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:  # checked before reading: a damaged length must not allocate exabytes
+                raise SafetensorsError(f"{self.path}: header length {n} runs past the end of the file "
+                                       f"({size} bytes): truncated or not a safetensors file")
             try:
                 self.header: dict = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
                 raise SafetensorsError(f"{self.path}: unreadable safetensors header ({e})") from None
+        if not isinstance(self.header, dict):
+            raise SafetensorsError(f"{self.path}: the safetensors header is not a JSON object")
         self.metadata = self.header.pop("__metadata__", {}) or {}
         self._base = 8 + n
+        data = size - self._base
+        for key, entry in self.header.items():  # every tensor's byte range lies inside the file
+            try:
+                start, end = entry["data_offsets"]
+                ok = isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data
+                shape_ok = all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+            except (KeyError, TypeError, ValueError):
+                raise SafetensorsError(f"{self.path}: tensor {key!r} has a malformed header entry {entry!r}"
+                                       ) from None
+            if not shape_ok:
+                raise SafetensorsError(f"{self.path}: tensor {key!r} has a malformed shape {entry['shape']!r}")
+            if not ok:
+                raise SafetensorsError(f"{self.path}: tensor {key!r} has data_offsets {[start, end]} outside the "
+                                       f"file's {data} data bytes: the file is truncated or damaged")
         self._mm: np.memmap | None = None
 
     def keys(self) -> list[str]:

@@ -312,12 +312,15 @@ def test_readme_train_plot_serve(tmp_path):
             exec(compile(example, "README.md (openai example)", "exec"), {})  # noqa: S102 - our own README
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer KEY"}).json()
         assert [m["id"] for m in models["data"]] == ["tiny"]
-        stats = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 401  # the key guards /metrics too
+        stats = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": "Bearer KEY"}).text
         assert re.search(r"^dsv3_requests_total 2(\.0)?$", stats, re.MULTILINE), stats  # the completion + the chat
     finally:
         proc.terminate()
+        t0 = time.monotonic()
         proc.wait(30)
         log.close()
+    assert time.monotonic() - t0 < 20, "SIGTERM took too long"  # shutdown completes in seconds
 
 
 @pytest.mark.slow

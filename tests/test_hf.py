@@ -6,6 +6,7 @@ import json
 import shutil
 import warnings
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -208,3 +209,79 @@ def test_safetensors_reader_is_lazy_and_exact(tmp_path):
     assert f.shape("a") == (3, 4) and f.dtype("b") == np.dtype(ml_dtypes.bfloat16)
     np.testing.assert_array_equal(f.get("a"), a)
     np.testing.assert_array_equal(f.get("b"), b)
+
+
+def test_malformed_safetensors_named(tmp_path):
+    """Issue 24: a damaged header length or tensor range is a SafetensorsError naming the file (and tensor),
+    never a MemoryError or a reshape error."""
+    from dsv3_jax.safetensors_io import SafetensorsError
+
+    good = tmp_path / "good.safetensors"
+    write_safetensors(good, {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float32)})
+    raw = good.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes((2**60).to_bytes(8, "little") + raw[8:])
+    with pytest.raises(SafetensorsError, match=r"huge\.safetensors: header length 1152921504606846976 runs past"):
+        SafetensorsFile(huge)
+
+    truncated = tmp_path / "trunc.safetensors"
+    truncated.write_bytes(raw[:-8])  # the last tensor's bytes are cut
+    with pytest.raises(SafetensorsError, match=r"trunc\.safetensors: tensor '(a|b)' has data_offsets .* truncated"):
+        SafetensorsFile(truncated)
+
+    header = json.loads(raw[8:8 + n])
+    header["a"]["data_offsets"] = [0, 10**9]
+    blob = json.dumps(header).encode()
+    past = tmp_path / "past.safetensors"
+    past.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n:])
+    with pytest.raises(SafetensorsError, match=r"past\.safetensors: tensor 'a' has data_offsets \[0, 1000000000\]"):
+        SafetensorsFile(past)
+    np.testing.assert_array_equal(SafetensorsFile(good).get("a"), np.arange(6).reshape(2, 3))
+
+
+def test_damaged_params_checkpoint_is_refused(tmp_path):
+    """Issue 24: a params checkpoint (convert's output, what serve.py loads) verifies checksums.json on load:
+    4 KB garbled in a data file → DamagedCheckpoint naming the directory and arrays; a truncated file → one too."""
+    from dsv3_jax.params_io import DamagedCheckpoint, load_variables, save_variables
+    from tests.common import random_variables, tiny_config
+
+    cfg = tiny_config()
+    variables = random_variables(cfg)
+    out = save_variables(tmp_path / "p", variables, cfg)
+    back, _ = load_variables(out)
+    assert all(np.array_equal(a, b) for a, b in zip(*(map(np.asarray, jax.tree.leaves(t)) for t in (variables, back)),
+                                                   strict=True))
+    data = max((p for p in (out / "variables").rglob("*") if p.is_file() and p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)
+    raw = data.read_bytes()
+    with open(data, "r+b") as f:
+        f.seek(len(raw) // 2)
+        f.write(np.random.default_rng(0).bytes(4096))
+    # Garbled bytes land in raw array data (→ checksum mismatch) or in a chunk the reader can no longer decode.
+    with pytest.raises(DamagedCheckpoint, match=r"p(: the data in \S+/variables does not match checksums.json "
+                                                r"\(arrays| cannot be read)"):
+        load_variables(out)
+    data.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DamagedCheckpoint, match=r"cannot be read .*missing, truncated or corrupt"):
+        load_variables(out)
+
+
+def test_checksums_catch_any_one_changed_element():
+    """Every element's weight is odd, so changing any one element (here its lowest bit) changes the checksum;
+    equal arrays give equal sums."""
+    from dsv3_jax import checksum
+
+    rng = np.random.default_rng(0)
+    tree = {"f32": rng.normal(size=(3, 5, 7)).astype(np.float32),
+            "bf16": rng.normal(size=(64,)).astype(ml_dtypes.bfloat16),
+            "u32": rng.integers(0, 2**32, size=(4, 4), dtype=np.uint32), "b": rng.random(9) > 0.5}
+    base = checksum.checksums(tree)
+    assert base == checksum.checksums({k: v.copy() for k, v in tree.items()})
+    for name, arr in tree.items():
+        for i in (0, arr.size // 2, arr.size - 1):
+            bits = arr.copy().view(np.uint8 if arr.dtype == np.bool_ else f"u{arr.dtype.itemsize}").reshape(-1)
+            bits[i] ^= 1
+            changed = dict(tree, **{name: bits.view(arr.dtype).reshape(arr.shape)})
+            assert checksum.mismatches(changed, base) == [name], (name, i)

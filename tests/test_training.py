@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,11 +24,12 @@ import pytest
 from dsv3_jax.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, load_config, save_config
 from dsv3_jax.model import ModelOutput, Transformer
 from dsv3_jax.training import optim
-from dsv3_jax.training.checkpoint import Checkpointer, restore_params
+from dsv3_jax.training.checkpoint import CheckpointDamaged, Checkpointer, restore_params
 from dsv3_jax.training.loop import Diverged, train
 from dsv3_jax.training.loss import compute_losses, mtp_targets
 from dsv3_jax.training.metrics import flops_per_token
 from dsv3_jax.training.schedule import Schedule
+from dsv3_jax.training.runlock import RunDirLock, RunDirLocked
 from dsv3_jax.training.step import TrainState, init_state, max_violation, train_step, update_router
 from tests.common import TINY_MODEL_OVERRIDES
 from tests.synthetic_data import SyntheticIterator
@@ -425,6 +427,78 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2]  # the bad step 3 was not saved
 
 
+def _largest_data_file(step_dir: Path, item: str) -> Path:
+    return max((p for p in (step_dir / item).rglob("*") if p.is_file() and p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)
+
+
+def test_damaged_checkpoint_falls_back_and_ends_bit_identical(tmp_path, capsys):
+    """Issue 24: 4 KB overwritten in a data file of the latest step and a truncated data file of the one before:
+    the resume reports both (naming step and file or arrays), restores the newest intact step instead, and the
+    run ends with exactly the losses it had before the damage."""
+    run = tmp_path / "damaged"
+    cfg = tiny_cfg(run, "train.steps=8")
+    train(cfg, *data_fns(cfg))  # checkpoints 4, 6, 8 (keep 3)
+    undamaged = read_jsonl(run / "metrics.jsonl")
+    ck = run / "checkpoints"
+
+    target = _largest_data_file(ck / "8", "variables")
+    with open(target, "r+b") as f:  # garble 4 KB in the middle
+        f.seek(target.stat().st_size // 2)
+        f.write(np.random.default_rng(0).bytes(4096))
+    target = _largest_data_file(ck / "6", "opt")
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])  # truncated
+    with pytest.raises(CheckpointDamaged, match=r"checkpoints/8.*does not match its checksums \(array"):
+        restore_params(run, step=8)  # an explicit step: refused, naming it
+    with pytest.raises(CheckpointDamaged, match=r"checkpoints/6 cannot be read .*truncated"):
+        Checkpointer(ck).restore(init_state(cfg), step=6)
+    capsys.readouterr()
+    assert train(cfg, *data_fns(cfg)).step == 8
+    err = capsys.readouterr().err
+    assert re.search(r"checkpoint \S+/checkpoints/8: the data in \S+/checkpoints/8/variables does not match", err)
+    assert re.search(r"checkpoint \S+/checkpoints/6 cannot be read", err), err
+    assert re.search(r"resuming from the newest intact checkpoint \S+/checkpoints/4", err), err
+    assert sorted(p.name for p in (run / "checkpoints.damaged").iterdir()) == ["6", "8"]
+
+    b = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in undamaged] == [r["step"] for r in b] == list(range(1, 9))
+    for key in ("loss", "grad_norm", "maxvio"):
+        assert [r[key] for r in undamaged] == [r[key] for r in b], key
+
+    # No intact step at all: a clear error naming each damaged one.
+    for step in Checkpointer(ck).all_steps():
+        t = _largest_data_file(ck / str(step), "variables")
+        t.write_bytes(t.read_bytes()[:10])
+    with pytest.raises(CheckpointDamaged, match=r"no intact checkpoint .*checkpoints/8.*checkpoints/6"):
+        Checkpointer(ck).restore(init_state(cfg))
+
+
+def test_one_writer_per_run_dir(tmp_path, capsys):
+    """Issue 24: a second trainer on a live run dir stops at once naming the holder; the lock dies with its
+    process however it ends (kill -9 leaves no stale lock)."""
+    cfg = tiny_cfg(tmp_path, "train.steps=1")
+    with RunDirLock(tmp_path):
+        with pytest.raises(RunDirLocked, match=rf"in use by another training process \(pid {os.getpid()} on "):
+            train(cfg, *data_fns(cfg))
+        import train as train_py
+
+        assert train_py.main(["--data-module", "tests.synthetic_data", *TINY, f"run_dir={tmp_path}"]) == 2
+        assert f"pid {os.getpid()}" in capsys.readouterr().err
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "config.yaml").exists()
+
+    code = ("import sys, time; from dsv3_jax.training.runlock import RunDirLock; "
+            "RunDirLock(sys.argv[1]).acquire(); print('ok', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=subprocess_env(),
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "ok"
+    with pytest.raises(RunDirLocked, match=rf"pid {holder.pid} "):
+        RunDirLock(tmp_path).acquire()
+    holder.kill()
+    holder.wait(timeout=30)
+    with RunDirLock(tmp_path):  # the dead holder's lock is gone (the file stays, unlocked)
+        assert (tmp_path / ".lock.0").exists()
+
+
 # ------------------------------------------------------------------------------------------------------------
 # train.py: config errors and signals (subprocesses)
 # ------------------------------------------------------------------------------------------------------------
@@ -450,9 +524,39 @@ def test_train_py_config_errors_exit_2_without_traceback(tmp_path, capsys):
                             "multiple of the micro-batch size"),
                            (["mesh.pipeline_schedule=1f1b"], "must be one of 'gpipe', 'circular'"),
                            (["train.steps=0"], "set a run length"),
-                           (["mesh.pipeline_virtual_stages=0"], "must be ≥ 1")):
+                           (["mesh.pipeline_virtual_stages=0"], "must be ≥ 1"),
+                           (["train.lr=-1"], "train.lr=-1.0: must be a finite number ≥ 0"),  # issue 24
+                           (["train.steps=-5"], "train.steps=-5: must be an integer ≥ 0"),
+                           (["train.adam_b2=1.5"], "train.adam_b2=1.5: must be in [0, 1)")):
         assert train_py.main(args) == 2
         assert expected in capsys.readouterr().err
+
+
+def test_failed_save_is_one_line_naming_the_intact_checkpoint(tmp_path, monkeypatch, capsys):
+    """Issue 24: a save that fails (here: the disk fills up at the second checkpoint) ends train.py with exit 4
+    and one line saying what failed and which checkpoint is intact."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    import train as train_py
+
+    save = ocp.CheckpointManager.save
+    calls = []
+
+    def full_disk(self, step, *args, **kw):
+        calls.append(step)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, step, *args, **kw)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    args = ["--data-module", "tests.synthetic_data", *TINY, f"run_dir={tmp_path}", "train.steps=4"]
+    assert train_py.main(args) == 4
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"train\.py: error: saving step 4 to \S+/checkpoints failed \(OSError: \[Errno 28\] No "
+                        r"space left on device\); the newest complete checkpoint is \S+/checkpoints/2", err), err
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2]
 
 
 @pytest.mark.slow

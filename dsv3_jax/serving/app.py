@@ -8,9 +8,16 @@ The engine runs on its own thread; a handler submits its request(s) and awaits t
 queue fed from the engine thread. Requests beyond the cache rows wait in the engine's queue. A client that
 goes away (stream closed, or connection dropped while waiting) has its requests cancelled, freeing rows.
 
-Errors are 4xx with OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: invalid JSON, missing
-or mistyped fields, out-of-range sampling parameters, prompts or max_tokens past the context, unknown model
-(404), bad API key (401), full queue (429).
+Errors are 4xx with OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: invalid JSON (also
+nesting too deep to parse, or text with a lone UTF-16 surrogate), missing or mistyped fields, out-of-range
+sampling parameters, prompts or max_tokens past the context, unknown model (404), bad API key (401), a body over
+``max_body_bytes`` (413, answered from its Content-Length before it is read), full queue (429). An engine error
+while admitting a request fails that request only (500); the others keep streaming.
+
+With an API key, every route but ``/health`` needs it (``/metrics`` too), and the interactive docs
+(``/docs``, ``/redoc``, ``/openapi.json``) are off. Tokenising runs on a worker thread, never on the event loop,
+and a text longer than the context could hold (``max_len`` × the longest token's characters) is refused
+before it is tokenised.
 
 Chats use the DeepSeek-V3.1 format (``dsv3_jax/serving/chat.py``): the prompt renders with the tokenizer's
 ``chat_template`` (``tokenizer_config.json`` beside ``tokenizer.json``) or the built-in V3.1 layout, with ``tools``
@@ -37,6 +44,8 @@ from dsv3_jax.data.chat_format import ChatFormatError
 from dsv3_jax.serving import chat as chatfmt
 from dsv3_jax.serving.engine import Engine, EngineBusy, Event
 from dsv3_jax.serving.sampling import RequestError, SamplingParams
+
+MAX_BODY_BYTES = 8 * 2**20  # default request-body limit (413 beyond it)
 
 
 class APIError(Exception):
@@ -99,17 +108,50 @@ class ChatBody(_Body):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
+def _text_of(content: str | list[dict[str, Any]] | None) -> str:
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        if any(part.get("type") != "text" for part in content):
+            raise APIError(400, "only text content parts are supported", param="messages")
+        return "".join(str(part.get("text", "")) for part in content)
+    return content or ""
+
+
+def _unicode(text: str, param: str) -> str:
+    """``text`` if it is valid Unicode; a lone surrogate (JSON ``"\\ud800"``) → 400 (tokenizers reject it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{param}: the text holds a lone UTF-16 surrogate at character {e.start} "
+                            f"(not valid Unicode)", param=param, code="invalid_value") from None
+    return text
+
+
+def max_token_chars(tokenizer: Any) -> int | None:
+    """The most characters one token decodes to (special tokens included), or None if the tokenizer cannot say:
+    a text of n characters has at least n / this many tokens, so longer texts can be refused untokenised."""
+    n = getattr(tokenizer, "vocab_size", None)
+    if not isinstance(n, int) or n <= 0:
+        return None
+    return max(1, max(len(tokenizer.decode([i])) for i in range(n)))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The app
 # ----------------------------------------------------------------------------------------------------------
 
 
 def create_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | None = None,
-               chat_template: str | None = None, add_bos: bool = False) -> FastAPI:
+               chat_template: str | None = None, add_bos: bool = False,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """An app serving ``engine`` as ``model_name``; starts the engine thread on startup if it is not running.
 
-    ``add_bos`` prepends BOS to completion prompts (HF tokenizers that ask for it via ``add_bos_token``).
+    ``add_bos`` prepends BOS to completion prompts (HF tokenizers that ask for it via ``add_bos_token``);
+    ``max_body_bytes`` bounds a request body (413 beyond it).
     """
+    if max_body_bytes <= 0:
+        raise ValueError(f"max_body_bytes={max_body_bytes}: must be positive")
+    per_token = max_token_chars(tokenizer)
+    max_chars = None if per_token is None else engine.max_len * per_token
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -119,7 +161,8 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | N
         if started:
             engine.stop()
 
-    app = FastAPI(title="dsv3-jax", lifespan=lifespan)
+    docs = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="dsv3-jax", lifespan=lifespan, **docs)
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -136,7 +179,7 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | N
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
+        if api_key and request.url.path != "/health":
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
@@ -161,7 +204,10 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | N
         body = await _parse(request, CompletionBody)
         if body.echo or body.logprobs is not None:
             raise APIError(400, "echo and logprobs are not supported", param="echo" if body.echo else "logprobs")
-        prompts = _completion_prompts(body.prompt, tokenizer, add_bos)
+        for text in [body.prompt] if isinstance(body.prompt, str) else body.prompt:
+            if isinstance(text, str):
+                _check_chars(len(text), "prompt")
+        prompts = await asyncio.to_thread(_completion_prompts, body.prompt, tokenizer, add_bos)
         params = _sampling(body, body.max_tokens if body.max_tokens is not None else 16, None)
         return await _run(request, body, prompts, params, chat=False)
 
@@ -170,27 +216,65 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | N
         body = await _parse(request, ChatBody)
         if body.logprobs:
             raise APIError(400, "logprobs are not supported", param="logprobs")
+        _check_chars(sum(len(_text_of(m.content)) for m in body.messages), "messages")
         try:
             thinking = chatfmt.thinking_of(body.chat_template_kwargs)
             tools = chatfmt.tools_for(body.tools, body.tool_choice)
+            for i, m in enumerate(body.messages):
+                _unicode(_text_of(m.content), f"messages.{i}.content")
             messages = [m.model_dump(exclude_none=True) for m in body.messages]
-            ids = chatfmt.chat_prompt(messages, tokenizer, tools, thinking, chat_template)
         except (ChatFormatError, ValueError) as e:
             raise APIError(400, str(e), param="messages" if isinstance(e, ChatFormatError) else None) from None
+
+        def tokenize() -> list[int]:
+            try:
+                return chatfmt.chat_prompt(messages, tokenizer, tools, thinking, chat_template)
+            except (ChatFormatError, ValueError) as e:
+                raise APIError(400, str(e), param="messages" if isinstance(e, ChatFormatError) else None) from None
+
+        ids = await asyncio.to_thread(tokenize)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = _sampling(body, limit, len(ids))
         parser = chatfmt.OutputParser(thinking, tools=bool(tools))
         return await _run(request, body, [ids], params, chat=True, parsers=[parser])
 
+    def _check_chars(n: int, param: str) -> None:
+        if max_chars is not None and n > max_chars:
+            raise APIError(400, f"{param}: {n} characters cannot fit this server's context of {engine.max_len} "
+                                f"tokens (a token is at most {per_token} characters): shorten the prompt",
+                           param=param, code="context_length_exceeded")
+
+    def _too_large(size: str) -> APIError:
+        return APIError(413, f"the request body is {size} bytes; this server accepts at most {max_body_bytes} "
+                             "(serve.py --max-body-bytes)", code="request_too_large")
+
+    async def _read_body(request: Request) -> bytes:
+        """The body, refused (413) from its Content-Length before reading, or as soon as it passes the limit."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise _too_large(declared)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise _too_large(f"more than {max_body_bytes}")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def _parse(request: Request, model: type[_Body]) -> Any:
+        raw = await _read_body(request)
         try:
-            data = json.loads(await request.body())
+            data = json.loads(raw)
         except ValueError as e:
             raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply to parse", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object")
         try:
             body = model.model_validate(data)
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
         except ValidationError as e:
             err = e.errors()[0]
             param = ".".join(str(p) for p in err["loc"]) or None
@@ -357,7 +441,8 @@ def _completion_prompts(prompt: str | list[str] | list[int] | list[list[int]], t
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]  # type: ignore[arg-type]
     bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
-    return [bos + tokenizer.encode(p, allow_special=True) if isinstance(p, str) else list(p) for p in prompt]
+    return [bos + tokenizer.encode(_unicode(p, "prompt"), allow_special=True) if isinstance(p, str) else list(p)
+            for p in prompt]
 
 
 def prometheus_text(stats: dict[str, float]) -> str:

@@ -21,6 +21,9 @@ batching: requests join and leave between steps).
 Threading: ``submit``/``cancel`` may be called from any thread; everything else runs on the engine thread
 (``start``) or on the caller's thread (``generate`` without ``start``). ``on_event`` callbacks run on the
 engine thread and must not block.
+
+Failures: an exception while admitting a request (its prefill) ends that request alone with finish_reason
+"error"; only a failed decode step, which holds every row, fails all requests in flight and resets the cache.
 """
 
 from __future__ import annotations
@@ -367,13 +370,29 @@ class Engine:
                 if not self._waiting:
                     break
                 req = self._waiting.popleft()
-            self._prefill_row(slot, req)
+            try:
+                self._prefill_row(slot, req)
+            except Exception:  # noqa: BLE001 — any failure of this request fails it alone
+                self._fail_one(slot, req)
+                continue
             admitted = True
         return admitted
 
+    def _fail_one(self, slot: int, req: _Request) -> None:
+        """A request whose admission raised: it alone ends with "error". The shared cache survives unless the
+        failure came after the prefill consumed (donated) it; then every request in flight fails too."""
+        log.exception("admitting request %s failed; failing that request", req.id)
+        self._rows[slot] = None
+        self._emit(req, [], "", "error", 0)
+        leaves = jax.tree.leaves((self._cache, self._mtp_cache, self._q))
+        if any(x.is_deleted() for x in leaves if isinstance(x, jax.Array)):
+            log.error("the cache was lost with it; failing the requests in flight and resetting the cache")
+            self._fail_all()
+
     def _prefill_row(self, slot: int, req: _Request) -> None:
         p = req.params
-        self._temp[slot], self._top_k[slot], self._top_p[slot] = p.temperature, max(p.top_k, 0), p.top_p
+        top_k = min(max(p.top_k, 0), self.cfg.vocab_size)  # k ≥ V keeps every token, like 0
+        self._temp[slot], self._top_k[slot], self._top_p[slot] = p.temperature, top_k, p.top_p
         self._seeds[slot] = req.seed
         n = len(req.prompt)
         bucket = next(b for b in self.buckets if b >= n)

@@ -55,12 +55,14 @@ class SamplingParams:
             raise bad("temperature", "must be in [0, 2] (0 = greedy)")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "must be in (0, 1]")
-        if self.top_k < 0:
-            raise bad("top_k", "must be ≥ 0 (0 or -1 = off)")
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**31:
+            raise bad("top_k", "must be in [0, 2^31) (0 or -1 = off)")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise bad("seed", "must be in [0, 2^63)")
         if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
             raise bad("stop", "at most 16 non-empty strings of at most 256 characters")
+        if len(self.stop_token_ids) > 256 or any(not 0 <= t < 2**31 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "at most 256 token ids in [0, 2^31)")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ process takes part in checkpointing (each saves and restores its own data positi
 Restarting with the same config resumes from the latest complete checkpoint (params, router, optimiser,
 counters, rng and the data position), and the losses that follow are bit-identical to an uninterrupted run.
 SIGTERM/SIGINT finish the current step, save and return; a non-finite loss or gradient norm raises
-:class:`Diverged` without saving the bad state.
+:class:`Diverged` without saving the bad state. A damaged latest checkpoint (checksum mismatch, truncated file)
+is reported and the newest intact one is resumed instead (``checkpoint.py``). One process writes a run dir at a
+time (``runlock.py``): a second one raises :class:`RunDirLocked` naming the holder.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dsv3_jax.config import Config, ConfigError, save_config
 from dsv3_jax.training import metrics as metrics_lib
 from dsv3_jax.training.checkpoint import Checkpointer
 from dsv3_jax.training.schedule import Schedule
+from dsv3_jax.training.runlock import RunDirLock
 from dsv3_jax.training.step import eval_loss, init_state, train_step
 
 
@@ -122,9 +125,16 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
     """Train ``cfg`` to ``train.steps`` steps or ``train.tokens`` tokens, whichever comes first, in ``cfg.run_dir``
     (resuming if it holds a checkpoint). LR, batch size, λ and γ come from :class:`Schedule`.
 
-    Raises :class:`Diverged` on a non-finite loss/grad norm and ConfigError if the run dir's checkpoint holds a
-    different model.
+    Raises :class:`Diverged` on a non-finite loss/grad norm, ConfigError if the run dir's checkpoint holds a
+    different model or another process is training in it (``RunDirLocked``), ``CheckpointDamaged`` if no
+    checkpoint in it is intact.
     """
+    with RunDirLock(cfg.run_dir, jax.process_index()):
+        return _train(cfg, make_train_iter, make_eval_iter)
+
+
+def _train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
+           make_eval_iter: Callable[[int], Iterator] | None) -> RunResult:
     from sharding.distributed import any_process, batch_shard, is_main_process
 
     t = cfg.train
@@ -163,7 +173,7 @@ def train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
         progress.message(msg)
     state = init_state(cfg, mesh=mesh)
     if ckpt.latest_step() is not None:  # restores onto this run's mesh, whatever mesh saved it
-        state, data_state = ckpt.restore(state)
+        state, data_state = ckpt.restore(state, on_damaged=progress.message)
         if data_state is not None:
             it.set_state(data_state)
         progress.message(f"resumed from {ckpt.directory}/{int(state.step)} ({int(state.tokens_seen)} tokens)")
