@@ -26,8 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from dsv3_jax.kernels import fp8_gemm_mgpu as mgpu
-from dsv3_jax.kernels import fp8_quant
-from dsv3_jax.kernels import grouped_matmul
+from dsv3_jax.kernels import fp8_quant, grouped_matmul
 from dsv3_jax.kernels._backend import on_gpu
 from dsv3_jax.kernels.fp8_gemm import block_scaled_grouped_matmul, block_scaled_kgrouped_matmul, block_scaled_matmul
 

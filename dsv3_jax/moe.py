@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from dsv3_jax import fp8
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kernels import grouped_matmul
-from dsv3_jax.kernels.grouped_matmul import wants_aligned_rows
 from dsv3_jax.kernels._backend import on_gpu
+from dsv3_jax.kernels.grouped_matmul import wants_aligned_rows
 from dsv3_jax.layers import MLP, dequantize_weight, dtype_of, fp8_weight_param, logical, normal_init, swiglu
 
 # expert weights [E, in, out]; Quantized when serving FP8 weights with fp8 on; Prequantized when an FP8 train step

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 

@@ -35,8 +35,8 @@ import numpy as np
 from dsv3_jax.config import Config, ConfigError, save_config
 from dsv3_jax.training import metrics as metrics_lib
 from dsv3_jax.training.checkpoint import Checkpointer
-from dsv3_jax.training.schedule import Schedule
 from dsv3_jax.training.runlock import RunDirLock
+from dsv3_jax.training.schedule import Schedule
 from dsv3_jax.training.step import eval_loss, init_state, train_step
 
 
