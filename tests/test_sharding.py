@@ -162,14 +162,17 @@ def test_mesh_errors_and_bubble():
 # The real train step on a mesh (3 optimizer steps) and checkpoints across meshes
 # ---------------------------------------------------------------------------------------------------------
 
-def _train_cfg(**mesh):
+def _train_cfg(precision="bf16", **mesh):
     from dsv3_jax.config import Config, DataConfig, TrainConfig
 
     return Config(model=dataclasses.replace(CFG, num_nextn_predict_layers=1), data=DataConfig(seq_len=16),
-                  train=TrainConfig(global_batch_size=8, lr=1e-3, warmup_steps=1, adam_eps=1e-4), mesh=MeshConfig(**mesh))
+                  train=TrainConfig(global_batch_size=8, lr=1e-3, warmup_steps=1, adam_eps=1e-4, precision=precision),
+                  mesh=MeshConfig(**mesh))
 
 
 def _run_steps(cfg, mesh, steps=3):
+    """3 train steps on one fixed batch; every step must drop no routed copy (the default capacity factor 2 is
+    ample for this routing), so a mesh computes exactly what one device does."""
     from dsv3_jax.training.step import init_state, train_step
 
     state = init_state(cfg, mesh=mesh)
@@ -178,6 +181,7 @@ def _run_steps(cfg, mesh, steps=3):
     for _ in range(steps):
         state, m = train_step(state, tokens, cfg, mesh)
         losses.append(float(m["loss"]))
+        assert float(m["moe_dropped"]) == 0
     return state, losses
 
 
@@ -190,9 +194,10 @@ def single_device_run():
     dict(data=8),
     pytest.param(dict(data=8, zero1=False), marks=pytest.mark.slow),
     dict(pipeline=2, data=2, expert=2, zero1=False),
-    pytest.param(dict(expert=8), marks=pytest.mark.slow),
+    dict(expert=8),
+    dict(expert=4, data=2),
     pytest.param(dict(pipeline=4, expert=2), marks=pytest.mark.slow),
-], ids=["dp8-zero1", "dp8-nozero1", "pp2-dp2-ep2", "ep8", "pp4-ep2"])
+], ids=["dp8-zero1", "dp8-nozero1", "pp2-dp2-ep2", "ep8", "ep4-dp2", "pp4-ep2"])
 def test_train_steps_match_one_device(single_device_run, mesh_kw):
     ref_state, ref_losses = single_device_run
     cfg = _train_cfg(**mesh_kw)
@@ -208,6 +213,24 @@ def test_train_steps_match_one_device(single_device_run, mesh_kw):
     mu = state.opt_state[1].mu["moe_layers"]["layers"]["block"]["mlp"]["gate_proj"]
     flat = [a for s in mu.sharding.spec if s is not None for a in ((s,) if isinstance(s, str) else s)]
     assert ("data" in flat) == (cfg.mesh.zero1 and mesh.shape["data"] > 1)
+
+
+@pytest.mark.slow
+def test_fp8_train_steps_on_ep4_dp2_match_one_device():
+    """The FP8 recipe (CPU: the exact emulation) on ep4×dp2 against one device. The forward is the same
+    arithmetic (1×128 token tiles and 128×128 weight blocks do not depend on where a token lives), so the first
+    loss is equal to float32 reassociation. The experts' Wgrad quantises the gradient in 128-token column tiles
+    of each expert's rows, and an expert shard holds its rows in a different order (blocks by source device), so
+    those tiles group other tokens: an FP8 rounding difference of a few percent in the expert weights' gradients,
+    which Adam (eps 1e-4) turns into update differences of a few percent of lr = 1e-3 — hence 2e-4 on params and
+    1e-4 on the later losses. A wrong gradient term would be off by ~lr."""
+    ref_state, ref_losses = _run_steps(_train_cfg("fp8"), None)
+    cfg = _train_cfg("fp8", expert=4, data=2)
+    state, losses = _run_steps(cfg, make_mesh(cfg.mesh))
+    assert losses[0] == pytest.approx(ref_losses[0], rel=1e-6)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-4)
 
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path, single_device_run):
