@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.attention import MLA, LatentCache, StackSlot
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.dsa import DSA
 from dsv3_jax.layers import MLP, RMSNorm, logical
 from dsv3_jax.moe import MoE
 
@@ -38,8 +39,9 @@ class Block(nn.Module):
                  ) -> tuple[jax.Array, LatentCache | StackSlot | None, dict[str, jax.Array]]:
         c = self.cfg
         norm = dict(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
-        h, cache = MLA(c, name="self_attn")(RMSNorm(name="input_layernorm", **norm)(x), positions, cache,
-                                           self.absorbed)
+        attn = DSA if c.uses_dsa else MLA  # V3.2: MLA over the lightning indexer's top-k keys
+        h, cache = attn(c, name="self_attn")(RMSNorm(name="input_layernorm", **norm)(x), positions, cache,
+                                            self.absorbed)
         x = x + h
         y = RMSNorm(name="post_attention_layernorm", **norm)(x)
         if self.moe:
