@@ -135,8 +135,7 @@ def masked_dense_attention(q_nope, q_rope, c_kv, k_rope, w_kv_b, mask, scale, dt
 def _sparse_block(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, dtype):
     """One query block: q_lat [B,t,H,c], q_rope [B,t,H,r], c_kv [B,S,c], k_rope [B,S,r], idx/valid [B,t,k]
     → o_lat [B,t,H,c]. Gathers the k selected latent rows per query: [B, t, k, c + r]."""
-    gather = jax.vmap(lambda a, i: a[i])  # per batch row: [S, ·][t, k] → [t, k, ·]
-    ck, kr = gather(c_kv, idx), gather(k_rope, idx)
+    ck, kr = gather_keys(c_kv, idx), gather_keys(k_rope, idx)
     scores = (jnp.einsum("bthc,btkc->bhtk", q_lat, ck, preferred_element_type=jnp.float32)
               + jnp.einsum("bthr,btkr->bhtk", q_rope, kr, preferred_element_type=jnp.float32))
     scores = jnp.where(valid[:, None], scores * scale, NEG_INF)
@@ -173,12 +172,45 @@ def sparse_latent_attention(q_nope, q_rope, c_kv, k_rope, w_kv_b, idx, valid, sc
     return jnp.einsum("bthc,chv->bthv", o_lat, w[..., n:], preferred_element_type=jnp.float32).astype(dtype)
 
 
+def head_mean_probs(q_nope, q_rope, c_kv, k_rope, w_uk, mask, scale) -> jax.Array:
+    """The main attention distribution summed over heads and L1-normalised (= the head mean), float32, no
+    gradient: q_nope [B,T,H,n], q_rope [B,T,H,r], c_kv [B,S,c], k_rope [B,S,r], w_uk [c,H,n], mask [B,T,S]
+    → p [B, T, S] (rows sum to 1 over the masked-in keys). O(T·S·H): the dense warm-up's target."""
+    q_lat = jnp.einsum("bthn,chn->bthc", q_nope.astype(jnp.float32), w_uk.astype(jnp.float32))
+    scores = (jnp.einsum("bthc,bsc->bhts", q_lat, c_kv.astype(jnp.float32))
+              + jnp.einsum("bthr,bsr->bhts", q_rope.astype(jnp.float32), k_rope.astype(jnp.float32)))
+    probs = jax.nn.softmax(jnp.where(mask[:, None], scores * scale, NEG_INF), axis=-1)
+    return jax.lax.stop_gradient(probs.mean(axis=1))
+
+
+def indexer_kl(p: jax.Array, scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean over queries of KL(p_t ‖ softmax(I_t)) over the keys in ``mask`` (V3.2 paper; REFERENCE §11).
+
+    p [B, T, S] (rows sum to 1 on ``mask``), scores [B, T, S] the indexer's I(t, ·), mask [B, T, S] bool → scalar.
+    Dense warm-up: S = all keys, mask causal. Sparse stage: S = the k selected keys, mask = valid. Gradient flows
+    into ``scores`` only (p is a fixed target).
+    """
+    logq = jax.nn.log_softmax(jnp.where(mask, scores, NEG_INF), axis=-1)
+    p = jax.lax.stop_gradient(p)
+    kl = jnp.where(mask & (p > 0), p * (jnp.log(jnp.where(p > 0, p, 1.0)) - logq), 0.0).sum(-1)
+    return kl.mean()
+
+
+def gather_keys(a: jax.Array, idx: jax.Array) -> jax.Array:
+    """a [B, S, ...] at idx [B, T, k] → [B, T, k, ...]."""
+    return jax.vmap(lambda x, i: x[i])(a, idx)
+
+
 class DSA(nn.Module):
-    """MLA with the lightning indexer: x [B, T, d], positions [B, T] → (out [B, T, d], None).
+    """MLA with the lightning indexer: x [B, T, d], positions [B, T] → (out [B, T, d], None, aux).
 
     The same parameters as :class:`dsv3_jax.attention.MLA` plus ``indexer``. ``cfg.index_attention`` "sparse":
     every query attends to its top ``index_topk`` causal keys (gathered); "dense": to every causal key (the
-    warm-up stage of training). Serving with a cache (latent + indexer key cache) is not implemented yet.
+    warm-up stage of training). aux: ``indexer_kl`` (scalar) — dense: KL(head-mean attention ‖ softmax(I)) over
+    all causal keys; sparse: over the selected keys — and ``topk_mass`` (dense only, else NaN): the share of the
+    head-mean attention on the top-k keys. The indexer's inputs are detached, so the indexer learns only from its
+    KL and the main model only from the LM loss (the selection itself has no gradient).
+    Serving with a cache (latent + indexer key cache) is not implemented yet.
     """
 
     cfg: ModelConfig
@@ -190,14 +222,35 @@ class DSA(nn.Module):
             raise NotImplementedError("DSA (model.index_topk set) has no cached decode path yet: serving needs the "
                                       "indexer key cache beside the latent cache (issue 23, part 4)")
         dt = dtype_of(c.dtype)
+        n = c.qk_nope_head_dim
         inp = mla_inputs(c, x, positions)
-        ix = Indexer(c, name="indexer")(x, inp.cq, inp.cos, inp.sin)
+        sg = jax.lax.stop_gradient
+        ix = Indexer(c, name="indexer")(sg(x), sg(inp.cq), inp.cos, inp.sin)
         scale, _ = rope.attention_factors(c)
         kv_b = kv_b_proj(c)
+        w = kv_b(None, in_shape=(c.kv_lora_rank,))  # [c, H, n + v]
+        causal = causal_mask(positions, positions)
+        scores = index_scores(ix)
+        idx, valid = select_topk(scores, causal, c.index_topk)
         if c.index_attention == "dense":
             out = causal_naive(c, inp.q_nope, inp.q_rope, inp.c_kv, inp.k_rope, kv_b, scale)
+            p = head_mean_probs(inp.q_nope, inp.q_rope, inp.c_kv, inp.k_rope, w[..., :n], causal, scale)
+            aux = {"indexer_kl": indexer_kl(p, scores, causal),
+                   "topk_mass": jnp.mean(jnp.sum(jnp.where(valid, jnp.take_along_axis(p, idx, -1), 0.0), -1))}
         else:
-            idx, valid = select_topk(index_scores(ix), causal_mask(positions, positions), c.index_topk)
-            w = kv_b(None, in_shape=(c.kv_lora_rank,))  # [c, H, n + v]
             out = sparse_latent_attention(inp.q_nope, inp.q_rope, inp.c_kv, inp.k_rope, w, idx, valid, scale, dt)
-        return o_proj(c, out), None
+            # The main distribution over the selected keys only: O(T·k), gathered like the attention.
+            p = _selected_head_mean(inp.q_nope, inp.q_rope, inp.c_kv, inp.k_rope, w[..., :n], idx, valid, scale)
+            aux = {"indexer_kl": indexer_kl(p, jnp.take_along_axis(scores, idx, -1), valid),
+                   "topk_mass": jnp.full((), jnp.nan, jnp.float32)}
+        return o_proj(c, out), None, aux
+
+
+def _selected_head_mean(q_nope, q_rope, c_kv, k_rope, w_uk, idx, valid, scale) -> jax.Array:
+    """Head-mean attention over each query's selected keys, float32, no gradient → [B, T, k]."""
+    f = jnp.float32
+    q_lat = jnp.einsum("bthn,chn->bthc", q_nope.astype(f), w_uk.astype(f))
+    ck, kr = gather_keys(c_kv.astype(f), idx), gather_keys(k_rope.astype(f), idx)
+    s = jnp.einsum("bthc,btkc->bhtk", q_lat, ck) + jnp.einsum("bthr,btkr->bhtk", q_rope.astype(f), kr)
+    probs = jax.nn.softmax(jnp.where(valid[:, None], s * scale, NEG_INF), axis=-1)
+    return jax.lax.stop_gradient(probs.mean(axis=1))

@@ -23,7 +23,7 @@ class ModelOutput(NamedTuple):
     """logits [B, T, V] f32; mtp_logits [D, B, T, V] f32 (position i of depth k predicts t_{i+k+1}; the last
     k positions are padding) or None; expert_load [L_moe, E] and balance [L_moe] of the main MoE layers;
     mtp_expert_load [D, E], mtp_balance [D]; cache (dict of stacked LatentCache) or None; hidden [B, T, d]
-    the final normed hidden state (the head input)."""
+    the final normed hidden state (the head input); indexer_kl / topk_mass [L] (V3.2 only)."""
 
     logits: jax.Array
     mtp_logits: jax.Array | None
@@ -33,6 +33,10 @@ class ModelOutput(NamedTuple):
     mtp_balance: jax.Array
     cache: dict[str, LatentCache] | None
     hidden: jax.Array
+    # V3.2 (DSA) only, per main layer [L]: the indexer's KL to the head-mean attention and the share of that
+    # attention the top-k keys hold (dense warm-up; NaN in the sparse stage). None without an indexer.
+    indexer_kl: jax.Array | None = None
+    topk_mass: jax.Array | None = None
 
 
 def _stacked_cache(cfg: ModelConfig, n: int, batch: int, max_len: int, dtype: str | None) -> LatentCache:
@@ -83,6 +87,7 @@ class Transformer(nn.Module):
         x = logical(embed(tokens), ("activation_batch", "activation_length", "activation_embed"))
 
         new_cache: dict[str, LatentCache] = {}
+        ikl, mass = [], []
         E = c.n_routed_experts
         load, balance = jnp.zeros((0, E), jnp.float32), jnp.zeros((0,), jnp.float32)
         for kind, n, moe in (("dense", c.first_k_dense_replace, False), ("moe", c.num_moe_layers, True)):
@@ -94,6 +99,9 @@ class Transformer(nn.Module):
                 new_cache[kind] = layer_cache
             if moe:
                 load, balance = aux["load"], aux["balance"]
+            if "indexer_kl" in aux:  # V3.2 layers (a pipelined MoE stack returns only the MoE aux)
+                ikl.append(aux["indexer_kl"])
+                mass.append(aux["topk_mass"])
 
         h = RMSNorm(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, name="norm")(x)
         if c.tie_word_embeddings:
@@ -116,7 +124,8 @@ class Transformer(nn.Module):
             mtp_logits, mtp_load, mtp_bal = jnp.stack(outs), jnp.stack(loads), jnp.stack(bals)
 
         return ModelOutput(logits, mtp_logits, load, balance, mtp_load, mtp_bal,
-                           new_cache if cache is not None else None, h)
+                           new_cache if cache is not None else None, h,
+                           jnp.concatenate(ikl) if ikl else None, jnp.concatenate(mass) if mass else None)
 
 
 def init_variables(cfg: ModelConfig, rng: jax.Array, batch: int = 1, seq: int = 8) -> dict:
