@@ -287,6 +287,11 @@ class TrainConfig:
     bias_update_speed: float = 1e-3  # γ
     bias_update_freeze_tokens: float = math.inf  # γ = 0 after this many tokens
     precision: Literal["bf16", "fp8"] = "bf16"  # fp8 = the FP8 recipe for every linear (sets model.fp8 for training)
+    # V3.2 (DSA, REFERENCE §11): the indexer's KL loss is added to the total with this weight (its inputs are
+    # detached, so it trains only the indexer). trainable=indexer freezes everything else (updates, weight decay
+    # and router biases): the dense warm-up stage; all = the sparse stage (main model on the LM loss).
+    indexer_loss_scale: float = 1.0
+    trainable: Literal["all", "indexer"] = "all"
     seed: int = 0  # model init and step rng
     log_every: int = 10  # steps between metrics.jsonl records
     eval_every: int = 100  # steps between held-out evaluations (0 = never)

@@ -23,7 +23,7 @@ class ModelOutput(NamedTuple):
     """logits [B, T, V] f32; mtp_logits [D, B, T, V] f32 (position i of depth k predicts t_{i+k+1}; the last
     k positions are padding) or None; expert_load [L_moe, E] and balance [L_moe] of the main MoE layers;
     mtp_expert_load [D, E], mtp_balance [D]; cache (dict of stacked LatentCache) or None; hidden [B, T, d]
-    the final normed hidden state (the head input); indexer_kl / topk_mass [L] (V3.2 only)."""
+    the final normed hidden state (the head input); indexer_kl / topk_mass [L + D] (V3.2 only)."""
 
     logits: jax.Array
     mtp_logits: jax.Array | None
@@ -33,7 +33,7 @@ class ModelOutput(NamedTuple):
     mtp_balance: jax.Array
     cache: dict[str, LatentCache] | None
     hidden: jax.Array
-    # V3.2 (DSA) only, per main layer [L]: the indexer's KL to the head-mean attention and the share of that
+    # V3.2 (DSA) only, per layer [L + D] (main layers, then the MTP blocks): the indexer's KL to the head-mean attention and the share of that
     # attention the top-k keys hold (dense warm-up; NaN in the sparse stage). None without an indexer.
     indexer_kl: jax.Array | None = None
     topk_mass: jax.Array | None = None
@@ -121,6 +121,9 @@ class Transformer(nn.Module):
                 outs.append(head(h_normed))
                 loads.append(aux.get("load", jnp.zeros((E,), jnp.float32)))
                 bals.append(aux.get("balance", jnp.zeros((), jnp.float32)))
+                if "indexer_kl" in aux:  # the MTP block's own indexer (V3.2)
+                    ikl.append(aux["indexer_kl"][None])
+                    mass.append(aux["topk_mass"][None])
             mtp_logits, mtp_load, mtp_bal = jnp.stack(outs), jnp.stack(loads), jnp.stack(bals)
 
         return ModelOutput(logits, mtp_logits, load, balance, mtp_load, mtp_bal,
