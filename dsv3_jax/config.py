@@ -290,8 +290,8 @@ class TrainConfig:
     # V3.2 (DSA, REFERENCE §11): the indexer's KL loss is added to the total with this weight (its inputs are
     # detached, so it trains only the indexer). trainable=indexer freezes everything else (updates, weight decay
     # and router biases): the dense warm-up stage; all = the sparse stage (main model on the LM loss).
-    indexer_loss_scale: float = 1.0
-    trainable: Literal["all", "indexer"] = "all"
+    indexer_loss_scale: float = 1.0  # weight of Σ_layers indexer KL in the total loss (V3.2 models only)
+    trainable: Literal["all", "indexer"] = "all"  # indexer = freeze all but the V3.2 indexer (dense warm-up)
     seed: int = 0  # model init and step rng
     log_every: int = 10  # steps between metrics.jsonl records
     eval_every: int = 100  # steps between held-out evaluations (0 = never)

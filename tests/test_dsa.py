@@ -176,6 +176,7 @@ def _is_indexer(path):
     return any(getattr(k, "key", None) == "indexer" for k in path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 def test_indexer_learns_from_its_kl_only(mode):
     """Gradients: KL → indexer only, LM loss → everything but the indexer. Training the indexer alone on its KL
@@ -255,6 +256,7 @@ def _stage(tmp_path, name, steps):
     return cfg, rows
 
 
+@pytest.mark.slow
 def test_tiny_warmup_then_sparse_stage(tmp_path):
     """Stage 1 (dense warm-up, indexer only): the indexer KL falls, the top-k's attention mass rises, nothing but
     the indexer moves. Stage 2 (sparse): the LM loss falls and the indexer KL is logged."""
