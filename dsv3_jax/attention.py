@@ -25,19 +25,22 @@ from dsv3_jax.layers import Linear, RMSNorm, dtype_of, linear_args, logical
 
 
 class LatentCache(NamedTuple):
-    """Per-layer decode cache: normalised latent c_kv [B, S, c] and roped shared key k_rope [B, S, r].
+    """Per-layer decode cache: normalised latent c_kv [B, S, c] and roped shared key k_rope [B, S, r]; for V3.2
+    (DSA) also the lightning indexer's roped key k_index [B, S, d_I] (None otherwise).
 
     Slot s holds the token at position s. ``init`` makes an empty cache for a max length.
     """
 
     c_kv: jax.Array
     k_rope: jax.Array
+    k_index: jax.Array | None = None
 
     @staticmethod
     def init(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> LatentCache:
         dt = dtype_of(dtype or cfg.dtype)
+        k_index = jnp.zeros((batch, max_len, cfg.index_head_dim), dt) if cfg.uses_dsa else None
         return LatentCache(jnp.zeros((batch, max_len, cfg.kv_lora_rank), dt),
-                           jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dt))
+                           jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dt), k_index)
 
 
 class StackSlot(NamedTuple):
@@ -109,7 +112,15 @@ def absorbed_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, mask, scale, dt
     return jnp.einsum("bthc,chv->bthv", o_lat, w_uv.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
 
 
-def write_cache(cache: LatentCache, c_kv: jax.Array, k_rope: jax.Array, positions: jax.Array) -> LatentCache:
+def _entries(cache: LatentCache, new: LatentCache) -> LatentCache:
+    if (cache.k_index is None) != (new.k_index is None):
+        raise ValueError("the cache and the new entries disagree on the indexer key (k_index): a V3.2 (DSA) model "
+                         "needs a cache from LatentCache.init/init_cache of its own config")
+    return new
+
+
+def write_cache(cache: LatentCache, c_kv: jax.Array, k_rope: jax.Array, positions: jax.Array,
+                k_index: jax.Array | None = None) -> LatentCache:
     """Store new entries [B, T, ·] at slots positions[:, 0] .. +T-1 (contiguous per sequence)."""
     start = positions[:, 0]
 
@@ -117,11 +128,11 @@ def write_cache(cache: LatentCache, c_kv: jax.Array, k_rope: jax.Array, position
         return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), s, axis=0))(
             buf, new, start)
 
-    return LatentCache(put(cache.c_kv, c_kv), put(cache.k_rope, k_rope))
+    return jax.tree.map(put, cache, _entries(cache, LatentCache(c_kv, k_rope, k_index)))
 
 
-def write_stacked(slot: StackSlot, c_kv: jax.Array, k_rope: jax.Array, positions: jax.Array
-                  ) -> tuple[StackSlot, LatentCache]:
+def write_stacked(slot: StackSlot, c_kv: jax.Array, k_rope: jax.Array, positions: jax.Array,
+                  k_index: jax.Array | None = None) -> tuple[StackSlot, LatentCache]:
     """Scatter new entries [B, T, ·] into layer ``slot.layer`` at slots positions[:, 0] .. +T-1 of each row
     (slots past the cache are dropped) → (updated slot, that layer's cache [B, S, ·])."""
     B, T = c_kv.shape[:2]
@@ -131,8 +142,8 @@ def write_stacked(slot: StackSlot, c_kv: jax.Array, k_rope: jax.Array, positions
     def put(buf, new):
         return buf.at[slot.layer, rows, cols].set(new.astype(buf.dtype), mode="drop")
 
-    stack = LatentCache(put(slot.stack.c_kv, c_kv), put(slot.stack.k_rope, k_rope))
-    return StackSlot(stack, slot.layer), LatentCache(stack.c_kv[slot.layer], stack.k_rope[slot.layer])
+    stack = jax.tree.map(put, slot.stack, _entries(slot.stack, LatentCache(c_kv, k_rope, k_index)))
+    return StackSlot(stack, slot.layer), jax.tree.map(lambda a: a[slot.layer], stack)
 
 
 class MLAInputs(NamedTuple):

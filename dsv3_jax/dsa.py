@@ -32,12 +32,16 @@ import jax.numpy as jnp
 from dsv3_jax import rope
 from dsv3_jax.attention import (
     NEG_INF,
+    LatentCache,
+    StackSlot,
     causal_mask,
     causal_naive,
     kv_b_proj,
     mla_inputs,
     naive_attention,
     o_proj,
+    write_cache,
+    write_stacked,
 )
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Linear, dtype_of, linear_args
@@ -202,25 +206,27 @@ def gather_keys(a: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 class DSA(nn.Module):
-    """MLA with the lightning indexer: x [B, T, d], positions [B, T] → (out [B, T, d], None, aux).
+    """MLA with the lightning indexer: x [B, T, d], positions [B, T] → (out [B, T, d], cache, aux).
 
     The same parameters as :class:`dsv3_jax.attention.MLA` plus ``indexer``. ``cfg.index_attention`` "sparse":
     every query attends to its top ``index_topk`` causal keys (gathered); "dense": to every causal key (the
-    warm-up stage of training). aux: ``indexer_kl`` (scalar) — dense: KL(head-mean attention ‖ softmax(I)) over
-    all causal keys; sparse: over the selected keys — and ``topk_mass`` (dense only, else NaN): the share of the
-    head-mean attention on the top-k keys. The indexer's inputs are detached, so the indexer learns only from its
-    KL and the main model only from the LM loss (the selection itself has no gradient).
-    Serving with a cache (latent + indexer key cache) is not implemented yet.
+    warm-up stage of training). Without a cache, aux: ``indexer_kl`` (scalar) — dense: KL(head-mean attention ‖
+    softmax(I)) over all causal keys; sparse: over the selected keys — and ``topk_mass`` (dense only, else NaN):
+    the share of the head-mean attention on the top-k keys. The indexer's inputs are detached, so the indexer
+    learns only from its KL and the main model only from the LM loss (the selection itself has no gradient).
+
+    With a cache (``LatentCache`` with ``k_index``; serving: prefill chunks and decode) the new latents and
+    indexer keys are written at their positions and each query selects its top-k among the cached slots at
+    positions ≤ its own; the attention is the same gathered latent math either way (``absorbed`` changes
+    nothing here), and aux is empty.
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, cache=None, absorbed: bool = False):
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: LatentCache | StackSlot | None = None,
+                 absorbed: bool = False):
         c = self.cfg
-        if cache is not None:
-            raise NotImplementedError("DSA (model.index_topk set) has no cached decode path yet: serving needs the "
-                                      "indexer key cache beside the latent cache (issue 23, part 4)")
         dt = dtype_of(c.dtype)
         n = c.qk_nope_head_dim
         inp = mla_inputs(c, x, positions)
@@ -229,6 +235,20 @@ class DSA(nn.Module):
         scale, _ = rope.attention_factors(c)
         kv_b = kv_b_proj(c)
         w = kv_b(None, in_shape=(c.kv_lora_rank,))  # [c, H, n + v]
+        if cache is not None:
+            if isinstance(cache, StackSlot):
+                cache, view = write_stacked(cache, inp.c_kv, inp.k_rope, positions, ix.k)
+            else:
+                cache = view = write_cache(cache, inp.c_kv, inp.k_rope, positions, ix.k)
+            slots = jnp.broadcast_to(jnp.arange(view.c_kv.shape[1]), view.c_kv.shape[:2])
+            mask = causal_mask(positions, slots)
+            c_kv, k_rope = view.c_kv.astype(dt), view.k_rope.astype(dt)
+            if c.index_attention == "dense":
+                out = masked_dense_attention(inp.q_nope, inp.q_rope, c_kv, k_rope, w, mask, scale, dt)
+            else:
+                idx, valid = select_topk(index_scores(ix, view.k_index), mask, c.index_topk)
+                out = sparse_latent_attention(inp.q_nope, inp.q_rope, c_kv, k_rope, w, idx, valid, scale, dt)
+            return o_proj(c, out), cache, {}
         causal = causal_mask(positions, positions)
         scores = index_scores(ix)
         idx, valid = select_topk(scores, causal, c.index_topk)

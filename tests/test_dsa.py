@@ -274,3 +274,65 @@ def test_tiny_warmup_then_sparse_stage(tmp_path):
     _, rows = _stage(tmp_path, "tiny_v32_sparse", 30)
     ce = [r["ce"] for r in rows]
     assert np.mean(ce[-5:]) < 0.8 * np.mean(ce[:5]) and all(np.isfinite(r["indexer_kl"]) for r in rows), ce
+
+
+# ---- serving: latent + indexer key cache ---------------------------------------------------------------------
+
+
+def test_cached_prefill_and_decode_equal_recompute_and_hf():
+    """Chunked prefill (5 + 8 tokens) then one-token absorbed decode over the latent + indexer key cache: every
+    position's logits equal the full forward's and HF's (the top-k among cached slots is the same selection)."""
+    from dsv3_jax.model import Transformer, init_cache
+
+    variables, cfg = load_hf(V32)
+    cfg = dataclasses.replace(cfg, dtype="float32")  # as compute_logits runs it
+    tokens, gold = jnp.asarray(np.load(V32 / "tokens.npy")), np.load(V32 / "logits.npy")
+    B, T = tokens.shape
+    model = Transformer(cfg)
+    cache = init_cache(cfg, B, max_len=T + 3, dtype="float32")
+    assert cache["moe"].k_index.shape == (cfg.num_moe_layers, B, T + 3, cfg.index_head_dim)
+    run = jax.jit(lambda v, t, pos, c, absorbed: model.apply(v, t, positions=pos, cache=c, absorbed=absorbed,
+                                                             mtp=False), static_argnames="absorbed")
+    got = []
+    for a, b in ((0, 5), (5, 13)):
+        pos = jnp.broadcast_to(jnp.arange(a, b, dtype=jnp.int32), (B, b - a))
+        out = run(variables, tokens[:, a:b], pos, cache, absorbed=False)
+        cache = out.cache
+        got.append(np.asarray(out.logits))
+    for t in range(13, T):
+        out = run(variables, tokens[:, t:t + 1], jnp.full((B, 1), t, jnp.int32), cache, absorbed=True)
+        cache = out.cache
+        got.append(np.asarray(out.logits))
+    got = np.concatenate(got, 1)
+    full = compute_logits(variables, cfg, np.asarray(tokens))
+    np.testing.assert_allclose(got, full, rtol=1e-4, atol=1e-4)
+    assert _rel(got, gold) <= 1e-4
+
+
+@pytest.mark.slow
+def test_speculative_engine_with_dsa_equals_recompute():
+    """The serving engine on a V3.2 model (top-4 of up to 44 keys, MTP speculation with its own DSA block): greedy
+    tokens equal a full recompute at every step, with drafts both accepted and rejected."""
+    from dsv3_jax.data import Tokenizer, train_bpe
+    from dsv3_jax.model import Transformer
+    from dsv3_jax.serving import Engine, SamplingParams
+    from tests.common import random_variables
+    from tests.test_engine import TEXT, speculation_friendly
+
+    max_len = 48
+    cfg = tiny_config(vocab_size=320, max_position_embeddings=max_len, index_topk=4, index_n_heads=2,
+                      index_head_dim=8)
+    variables = speculation_friendly(random_variables(cfg, seed=5))
+    engine = Engine(cfg, variables, tokenizer=Tokenizer(train_bpe([TEXT], cfg.vocab_size), "t"), max_slots=2,
+                    max_len=max_len, speculative=True)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], list(range(50, 70))]
+    out = engine.generate(prompts, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    full = jax.jit(lambda t: Transformer(cfg).apply(variables, t, mtp=False).logits[0])
+    for prompt, c in zip(prompts, out, strict=True):
+        seq = list(prompt)
+        for _ in range(20):
+            x = np.zeros((1, max_len), np.int32)
+            x[0, :len(seq)] = seq
+            seq.append(int(np.argmax(full(x)[len(seq) - 1])))
+        assert c.token_ids == seq[len(prompt):]
+    assert 0.0 < engine.acceptance_rate < 1.0
