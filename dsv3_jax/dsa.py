@@ -147,6 +147,44 @@ def _sparse_block(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, dtype):
     return jnp.einsum("bhtk,btkc->bthc", probs, ck, preferred_element_type=jnp.float32).astype(dtype)
 
 
+def map_query_blocks(fn, xs: tuple, block: int):
+    """Apply ``fn(*xs)`` to ``block`` queries at a time: every array of xs is [B, T, ...]; the outputs (a pytree of
+    [B, T, ...] arrays) are reassembled. T is padded up to a multiple of ``block`` (padded rows are dropped)."""
+    T = xs[0].shape[1]
+    if T <= block:
+        return fn(*xs)
+    nb = -(-T // block)
+    pad = nb * block - T
+
+    def split(a):  # [B, T, ...] → [nb, B, block, ...]
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        return jnp.moveaxis(a.reshape(a.shape[0], nb, block, *a.shape[2:]), 1, 0)
+
+    def join(a):  # [nb, B, block, ...] → [B, T, ...]
+        return jnp.moveaxis(a, 0, 1).reshape(a.shape[1], nb * block, *a.shape[3:])[:, :T]
+
+    return jax.tree.map(join, jax.lax.map(lambda b: fn(*b), tuple(split(a) for a in xs)))
+
+
+def topk_blocked(ix: IndexerOut, keys: jax.Array, q_pos: jax.Array, k_pos: jax.Array, k: int, block: int = 64
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Each query's top-k causal keys without the full score matrix: ``block`` queries at a time hold
+    [B, block, J, S] scores. keys [B, S, D], q_pos [B, T], k_pos [B, S] → (idx, valid) [B, T, k'] as
+    :func:`select_topk`."""
+    def one(q, w, qp):
+        return select_topk(index_scores(IndexerOut(q, keys, w)), k_pos[:, None, :] <= qp[:, :, None], k)
+
+    return map_query_blocks(one, (ix.q, ix.w, q_pos), block)
+
+
+def selected_scores(ix: IndexerOut, keys: jax.Array, idx: jax.Array) -> jax.Array:
+    """I(t, s) at the selected keys only: keys [B, S, D], idx [B, T, k] → [B, T, k] float32. O(T·k·J·D)."""
+    D = ix.q.shape[-1]
+    ks = gather_keys(keys.astype(jnp.float32), idx)  # [B, T, k, D]
+    s = jnp.einsum("btjd,btkd->btjk", ix.q, ks, preferred_element_type=jnp.float32)
+    return jnp.einsum("btj,btjk->btk", ix.w, jax.nn.relu(s * D ** -0.5))
+
+
 def sparse_latent_attention(q_nope, q_rope, c_kv, k_rope, w_kv_b, idx, valid, scale, dtype, block: int = 256):
     """MLA over each query's selected keys only, in latent space (kv_b_proj absorbed, REFERENCE §4).
 
@@ -159,20 +197,8 @@ def sparse_latent_attention(q_nope, q_rope, c_kv, k_rope, w_kv_b, idx, valid, sc
     q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w[..., :n], preferred_element_type=jnp.float32).astype(dtype)
     q_rope = q_rope.astype(dtype)
     c_kv, k_rope = c_kv.astype(dtype), k_rope.astype(dtype)
-    T = q_lat.shape[1]
-    if T <= block:
-        o_lat = _sparse_block(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, dtype)
-    else:
-        nb = -(-T // block)
-        pad = nb * block - T
-
-        def blocks(a):  # [B, T, ...] → [nb, B, block, ...] (padded queries select nothing)
-            a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-            return jnp.moveaxis(a.reshape(a.shape[0], nb, block, *a.shape[2:]), 1, 0)
-
-        o_lat = jax.lax.map(lambda xs: _sparse_block(*xs[:2], c_kv, k_rope, *xs[2:], scale, dtype),
-                            (blocks(q_lat), blocks(q_rope), blocks(idx), blocks(valid)))
-        o_lat = jnp.moveaxis(o_lat, 0, 1).reshape(o_lat.shape[1], nb * block, *o_lat.shape[3:])[:, :T]
+    o_lat = map_query_blocks(lambda q, qr, i, ok: _sparse_block(q, qr, c_kv, k_rope, i, ok, scale, dtype),
+                             (q_lat, q_rope, idx, valid), block)
     return jnp.einsum("bthc,chv->bthv", o_lat, w[..., n:], preferred_element_type=jnp.float32).astype(dtype)
 
 
@@ -246,22 +272,22 @@ class DSA(nn.Module):
             if c.index_attention == "dense":
                 out = masked_dense_attention(inp.q_nope, inp.q_rope, c_kv, k_rope, w, mask, scale, dt)
             else:
-                idx, valid = select_topk(index_scores(ix, view.k_index), mask, c.index_topk)
+                idx, valid = topk_blocked(ix, view.k_index, positions, slots, c.index_topk)
                 out = sparse_latent_attention(inp.q_nope, inp.q_rope, c_kv, k_rope, w, idx, valid, scale, dt)
             return o_proj(c, out), cache, {}
-        causal = causal_mask(positions, positions)
-        scores = index_scores(ix)
-        idx, valid = select_topk(scores, causal, c.index_topk)
-        if c.index_attention == "dense":
+        if c.index_attention == "dense":  # the warm-up: O(T²) by design (the KL is over every causal key)
+            causal = causal_mask(positions, positions)
+            scores = index_scores(ix)
+            idx, valid = select_topk(scores, causal, c.index_topk)
             out = causal_naive(c, inp.q_nope, inp.q_rope, inp.c_kv, inp.k_rope, kv_b, scale)
             p = head_mean_probs(inp.q_nope, inp.q_rope, inp.c_kv, inp.k_rope, w[..., :n], causal, scale)
             aux = {"indexer_kl": indexer_kl(p, scores, causal),
                    "topk_mass": jnp.mean(jnp.sum(jnp.where(valid, jnp.take_along_axis(p, idx, -1), 0.0), -1))}
-        else:
+        else:  # never a [T, T] array: blocked top-k, gathered attention, KL over the selected keys
+            idx, valid = topk_blocked(ix, ix.k, positions, positions, c.index_topk)
             out = sparse_latent_attention(inp.q_nope, inp.q_rope, inp.c_kv, inp.k_rope, w, idx, valid, scale, dt)
-            # The main distribution over the selected keys only: O(T·k), gathered like the attention.
             p = _selected_head_mean(inp.q_nope, inp.q_rope, inp.c_kv, inp.k_rope, w[..., :n], idx, valid, scale)
-            aux = {"indexer_kl": indexer_kl(p, jnp.take_along_axis(scores, idx, -1), valid),
+            aux = {"indexer_kl": indexer_kl(p, selected_scores(ix, ix.k, idx), valid),
                    "topk_mass": jnp.full((), jnp.nan, jnp.float32)}
         return o_proj(c, out), None, aux
 

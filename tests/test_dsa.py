@@ -23,8 +23,10 @@ from dsv3_jax.dsa import (
     indexer_kl,
     masked_dense_attention,
     select_topk,
+    selected_scores,
     selection_mask,
     sparse_latent_attention,
+    topk_blocked,
 )
 from dsv3_jax.hf import HFCheckpoint, load_hf
 from dsv3_jax.logits import compute_logits
@@ -114,6 +116,12 @@ def test_index_scores_and_topk_match_numpy():
             chosen = set(np.asarray(idx[b, t])[np.asarray(valid[b, t])].tolist())
             want = set(np.argsort(-ref[b, t, : t + 1])[:K].tolist())  # causal keys 0..t
             assert chosen == want, (b, t)
+    # Blocked top-k (4 queries at a time, a padded tail) = the full-matrix one; scores at the selection agree.
+    bidx, bvalid = topk_blocked(ix, ix.k, pos, pos, K, block=4)
+    np.testing.assert_array_equal(np.asarray(bvalid), np.asarray(valid))
+    np.testing.assert_array_equal(np.where(bvalid, bidx, -1), np.where(valid, idx, -1))
+    np.testing.assert_allclose(np.asarray(selected_scores(ix, ix.k, idx)),
+                               np.take_along_axis(got, np.asarray(idx), -1), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("T,block", [(20, 256), (37, 8)])  # one block; several blocks with a padded tail
