@@ -25,19 +25,22 @@ from dsv3_jax.layers import Linear, RMSNorm, dtype_of, linear_args, logical
 
 
 class LatentCache(NamedTuple):
-    """Per-layer decode cache: normalised latent c_kv [B, S, c] and roped shared key k_rope [B, S, r].
+    """Per-layer decode cache: normalised latent c_kv [B, S, c] and roped shared key k_rope [B, S, r]; for V3.2
+    (DSA) also the lightning indexer's roped key k_index [B, S, d_I] (None otherwise).
 
     Slot s holds the token at position s. ``init`` makes an empty cache for a max length.
     """
 
     c_kv: jax.Array
     k_rope: jax.Array
+    k_index: jax.Array | None = None
 
     @staticmethod
     def init(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> LatentCache:
         dt = dtype_of(dtype or cfg.dtype)
+        k_index = jnp.zeros((batch, max_len, cfg.index_head_dim), dt) if cfg.uses_dsa else None
         return LatentCache(jnp.zeros((batch, max_len, cfg.kv_lora_rank), dt),
-                           jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dt))
+                           jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dt), k_index)
 
 
 class StackSlot(NamedTuple):
@@ -109,7 +112,15 @@ def absorbed_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, mask, scale, dt
     return jnp.einsum("bthc,chv->bthv", o_lat, w_uv.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
 
 
-def write_cache(cache: LatentCache, c_kv: jax.Array, k_rope: jax.Array, positions: jax.Array) -> LatentCache:
+def _entries(cache: LatentCache, new: LatentCache) -> LatentCache:
+    if (cache.k_index is None) != (new.k_index is None):
+        raise ValueError("the cache and the new entries disagree on the indexer key (k_index): a V3.2 (DSA) model "
+                         "needs a cache from LatentCache.init/init_cache of its own config")
+    return new
+
+
+def write_cache(cache: LatentCache, c_kv: jax.Array, k_rope: jax.Array, positions: jax.Array,
+                k_index: jax.Array | None = None) -> LatentCache:
     """Store new entries [B, T, ·] at slots positions[:, 0] .. +T-1 (contiguous per sequence)."""
     start = positions[:, 0]
 
@@ -117,11 +128,11 @@ def write_cache(cache: LatentCache, c_kv: jax.Array, k_rope: jax.Array, position
         return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), s, axis=0))(
             buf, new, start)
 
-    return LatentCache(put(cache.c_kv, c_kv), put(cache.k_rope, k_rope))
+    return jax.tree.map(put, cache, _entries(cache, LatentCache(c_kv, k_rope, k_index)))
 
 
-def write_stacked(slot: StackSlot, c_kv: jax.Array, k_rope: jax.Array, positions: jax.Array
-                  ) -> tuple[StackSlot, LatentCache]:
+def write_stacked(slot: StackSlot, c_kv: jax.Array, k_rope: jax.Array, positions: jax.Array,
+                  k_index: jax.Array | None = None) -> tuple[StackSlot, LatentCache]:
     """Scatter new entries [B, T, ·] into layer ``slot.layer`` at slots positions[:, 0] .. +T-1 of each row
     (slots past the cache are dropped) → (updated slot, that layer's cache [B, S, ·])."""
     B, T = c_kv.shape[:2]
@@ -131,8 +142,79 @@ def write_stacked(slot: StackSlot, c_kv: jax.Array, k_rope: jax.Array, positions
     def put(buf, new):
         return buf.at[slot.layer, rows, cols].set(new.astype(buf.dtype), mode="drop")
 
-    stack = LatentCache(put(slot.stack.c_kv, c_kv), put(slot.stack.k_rope, k_rope))
-    return StackSlot(stack, slot.layer), LatentCache(stack.c_kv[slot.layer], stack.k_rope[slot.layer])
+    stack = jax.tree.map(put, slot.stack, _entries(slot.stack, LatentCache(c_kv, k_rope, k_index)))
+    return StackSlot(stack, slot.layer), jax.tree.map(lambda a: a[slot.layer], stack)
+
+
+class MLAInputs(NamedTuple):
+    """MLA's projections of x [B, T, d] before attention (REFERENCE §4); RoPE already applied.
+
+    cq [B, T, q_lora] the normalised query latent (None without q_lora_rank), q_nope [B, T, H, n],
+    q_rope [B, T, H, r], c_kv [B, T, c] (normalised), k_rope [B, T, r], cos/sin [B, T, r/2] (the RoPE tables,
+    which the V3.2 indexer reuses).
+    """
+
+    cq: jax.Array | None
+    q_nope: jax.Array
+    q_rope: jax.Array
+    c_kv: jax.Array
+    k_rope: jax.Array
+    cos: jax.Array
+    sin: jax.Array
+
+
+def mla_inputs(c: ModelConfig, x: jax.Array, positions: jax.Array) -> MLAInputs:
+    """Declare and apply the query and key/value-latent projections inside the calling module (its names:
+    q_a_proj, q_a_layernorm, q_b_proj or q_proj, kv_a_proj_with_mqa, kv_a_layernorm). x [B, T, d]."""
+    H, n, r, cl = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
+    lin = linear_args(c)
+    norm = dict(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
+
+    # Query: low-rank + norm (or plain projection), split nope / rope.
+    cq = None
+    if c.q_lora_rank:
+        cq = Linear((c.q_lora_rank,), ("embed", "q_lora"), name="q_a_proj", **lin)(x)
+        cq = RMSNorm(axis_name="q_lora", name="q_a_layernorm", **norm)(cq)
+        q = Linear((H, n + r), ("q_lora", "heads", "qk_head_dim"), name="q_b_proj", **lin)(cq)
+    else:
+        q = Linear((H, n + r), ("embed", "heads", "qk_head_dim"), name="q_proj", **lin)(x)
+    q = logical(q, ("activation_batch", "activation_length", "activation_heads", None))
+    q_nope, q_rope = q[..., :n], q[..., n:]
+
+    # Key/value latent + the single shared rope key. The norm is on c_kv only (REFERENCE §12).
+    kv_a = Linear((cl + r,), ("embed", "kv_lora"), name="kv_a_proj_with_mqa", **lin)(x)
+    c_kv = RMSNorm(axis_name="kv_lora", name="kv_a_layernorm", **norm)(kv_a[..., :cl])
+    k_rope = kv_a[..., cl:]
+
+    cos, sin = rope.rope_tables(c, positions)
+    q_rope = rope.apply_rope(q_rope, cos, sin, c.rope_interleave)
+    k_rope = rope.apply_rope(k_rope, cos, sin, c.rope_interleave)
+    return MLAInputs(cq, q_nope, q_rope, c_kv, k_rope, cos, sin)
+
+
+def kv_b_proj(c: ModelConfig) -> Linear:
+    """The latent up-projection [c] → [H, n + v] (keys' nope part and values), declared in the caller."""
+    return Linear((c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim), ("kv_lora", "heads", "kv_head_dim"),
+                  name="kv_b_proj", **linear_args(c))
+
+
+def o_proj(c: ModelConfig, out: jax.Array) -> jax.Array:
+    """Attention output [B, T, H, v] → [B, T, d] through ``o_proj``, declared in the caller."""
+    out = logical(out, ("activation_batch", "activation_length", "activation_heads", None))
+    return Linear((c.hidden_size,), ("heads", "kv_head_dim", "embed"), in_dims=2, name="o_proj",
+                  **linear_args(c))(out)
+
+
+def causal_naive(c: ModelConfig, q_nope, q_rope, c_kv, k_rope, kv_b: Linear, scale,
+                 k_start: jax.Array | None = None) -> jax.Array:
+    """Training / prefill from scratch: up-project the latent, causal attention by index (one fused kernel
+    where available). q_nope [B,T,H,n], q_rope [B,T,H,r], c_kv [B,T,c], k_rope [B,T,r] → [B,T,H,v].
+    ``k_start`` [B, T]: each query's first visible key (packed samples), None = 0."""
+    n, r = c.qk_nope_head_dim, c.qk_rope_head_dim
+    kv = kv_b(c_kv)  # [B, T, H, n + v]
+    k = jnp.concatenate([kv[..., :n], jnp.broadcast_to(k_rope[:, :, None], (*kv.shape[:3], r))], -1)
+    return causal_attention(jnp.concatenate([q_nope, q_rope], -1), k, kv[..., n:], scale, c.attention_impl,
+                            k_start)
 
 
 class MLA(nn.Module):
@@ -150,31 +232,11 @@ class MLA(nn.Module):
                  absorbed: bool = False) -> tuple[jax.Array, LatentCache | StackSlot | None]:
         c = self.cfg
         dt = dtype_of(c.dtype)
-        H, n, r, v, cl = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
-        lin = linear_args(c)
-        norm = dict(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
-
-        # Query: low-rank + norm (or plain projection), split nope / rope.
-        if c.q_lora_rank:
-            cq = Linear((c.q_lora_rank,), ("embed", "q_lora"), name="q_a_proj", **lin)(x)
-            cq = RMSNorm(axis_name="q_lora", name="q_a_layernorm", **norm)(cq)
-            q = Linear((H, n + r), ("q_lora", "heads", "qk_head_dim"), name="q_b_proj", **lin)(cq)
-        else:
-            q = Linear((H, n + r), ("embed", "heads", "qk_head_dim"), name="q_proj", **lin)(x)
-        q = logical(q, ("activation_batch", "activation_length", "activation_heads", None))
-        q_nope, q_rope = q[..., :n], q[..., n:]
-
-        # Key/value latent + the single shared rope key. The norm is on c_kv only (REFERENCE §12).
-        kv_a = Linear((cl + r,), ("embed", "kv_lora"), name="kv_a_proj_with_mqa", **lin)(x)
-        c_kv = RMSNorm(axis_name="kv_lora", name="kv_a_layernorm", **norm)(kv_a[..., :cl])
-        k_rope = kv_a[..., cl:]
-
-        cos, sin = rope.rope_tables(c, positions)
-        q_rope = rope.apply_rope(q_rope, cos, sin, c.rope_interleave)
-        k_rope = rope.apply_rope(k_rope, cos, sin, c.rope_interleave)
+        n, cl = c.qk_nope_head_dim, c.kv_lora_rank
+        _, q_nope, q_rope, c_kv, k_rope, _, _ = mla_inputs(c, x, positions)
         scale, _ = rope.attention_factors(c)
 
-        kv_b = Linear((H, n + v), ("kv_lora", "heads", "kv_head_dim"), name="kv_b_proj", **lin)
+        kv_b = kv_b_proj(c)
         if cache is None:
             keys_latent, keys_rope, mask = c_kv, k_rope, None
         else:
@@ -193,18 +255,12 @@ class MLA(nn.Module):
             out = absorbed_attention(q_nope, q_rope, keys_latent, keys_rope, w[..., :n], w[..., n:],
                                      mask, scale, dt, positions, c.mla_decode_impl)
         elif cache is None:
-            # Training / prefill from scratch: causal by index, one fused kernel where available.
-            kv = kv_b(keys_latent)  # [B, T, H, n + v]
-            k = jnp.concatenate([kv[..., :n], jnp.broadcast_to(keys_rope[:, :, None], (*kv.shape[:3], r))], -1)
             # Packed samples: positions restart per sample, so query t's sample starts at index t - positions[t].
             k_start = None
             if c.packed_samples:
                 k_start = jnp.arange(positions.shape[1], dtype=positions.dtype)[None] - positions
-            out = causal_attention(jnp.concatenate([q_nope, q_rope], -1), k, kv[..., n:], scale, c.attention_impl,
-                                   k_start)
+            out = causal_naive(c, q_nope, q_rope, keys_latent, keys_rope, kv_b, scale, k_start)
         else:
             kv = kv_b(keys_latent)  # [B, S, H, n + v]
             out = naive_attention(q_nope, q_rope, kv[..., :n], keys_rope, kv[..., n:], mask, scale, dt)
-        out = logical(out, ("activation_batch", "activation_length", "activation_heads", None))
-        y = Linear((c.hidden_size,), ("heads", "kv_head_dim", "embed"), in_dims=2, name="o_proj", **lin)(out)
-        return y, cache
+        return o_proj(c, out), cache

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.attention import MLA, LatentCache, StackSlot
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.dsa import DSA
 from dsv3_jax.layers import MLP, RMSNorm, logical
 from dsv3_jax.moe import MoE
 
@@ -38,14 +39,19 @@ class Block(nn.Module):
                  ) -> tuple[jax.Array, LatentCache | StackSlot | None, dict[str, jax.Array]]:
         c = self.cfg
         norm = dict(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
-        h, cache = MLA(c, name="self_attn")(RMSNorm(name="input_layernorm", **norm)(x), positions, cache,
-                                           self.absorbed)
+        xn = RMSNorm(name="input_layernorm", **norm)(x)
+        attn_aux = {}
+        if c.uses_dsa:  # V3.2: MLA over the lightning indexer's top-k keys (+ the indexer's KL in aux)
+            h, cache, attn_aux = DSA(c, name="self_attn")(xn, positions, cache, self.absorbed)
+        else:
+            h, cache = MLA(c, name="self_attn")(xn, positions, cache, self.absorbed)
         x = x + h
         y = RMSNorm(name="post_attention_layernorm", **norm)(x)
         if self.moe:
             y, aux = MoE(c, name="mlp")(y)
         else:
             y, aux = MLP(c, c.intermediate_size, name="mlp")(y), {}
+        aux = {**aux, **attn_aux}
         x = logical(x + y, ("activation_batch", "activation_length", "activation_embed"))
         return x, cache, aux
 

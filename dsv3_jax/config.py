@@ -108,6 +108,14 @@ class ModelConfig:
     # Packed samples (SFT, REFERENCE §9): positions restart at 0 for every sample in a row, and training attention
     # keeps each query inside its own sample (keys from t - positions[t] to t). Set by the chat data's train step.
     packed_samples: bool = False
+    # DeepSeek-V3.2 sparse attention (DSA, REFERENCE §11): a lightning indexer per layer picks each query's top
+    # `index_topk` causal keys and MLA attends only to those. index_topk null = dense V3 attention (no indexer).
+    index_topk: int | None = None  # keys kept per query (2048 for V3.2); null = no indexer
+    index_n_heads: int = 64  # n_I: indexer query heads (their ReLU scores are summed with learned weights)
+    index_head_dim: int = 128  # d_I: indexer query/key width; RoPE (half-split, as HF) on its first qk_rope dims
+    # Which keys MLA attends to when the indexer exists: sparse = the indexer's top-k (V3.2 inference and sparse
+    # training); dense = every causal key (the dense warm-up stage, where only the indexer learns, by its KL).
+    index_attention: Literal["sparse", "dense"] = "sparse"
 
     def __post_init__(self) -> None:
         _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
@@ -132,11 +140,24 @@ class ModelConfig:
                               f"{self.topk_group * (self.n_routed_experts // self.n_group)})")
         if self.num_nextn_predict_layers < 0 or self.n_shared_experts < 0:
             raise ConfigError("model.num_nextn_predict_layers and model.n_shared_experts must be ≥ 0")
+        if self.index_topk is not None:
+            _check_positive(self, "index_topk", "index_n_heads", "index_head_dim")
+            if not self.q_lora_rank:
+                raise ConfigError("model.index_topk is set but model.q_lora_rank is null: the DSA indexer reads "
+                                  "MLA's normalised query latent, so it needs q_lora_rank")
+            if self.index_head_dim < self.qk_rope_head_dim:
+                raise ConfigError(f"model.index_head_dim={self.index_head_dim} < model.qk_rope_head_dim="
+                                  f"{self.qk_rope_head_dim}: the indexer ropes its first qk_rope_head_dim dims")
 
     # Derived sizes -------------------------------------------------------------------------------------
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def uses_dsa(self) -> bool:
+        """True when the layers carry the V3.2 lightning indexer (``index_topk`` set)."""
+        return self.index_topk is not None
 
     @property
     def num_moe_layers(self) -> int:
@@ -286,6 +307,11 @@ class TrainConfig:
     bias_update_speed: float = 1e-3  # γ
     bias_update_freeze_tokens: float = math.inf  # γ = 0 after this many tokens
     precision: Literal["bf16", "fp8"] = "bf16"  # fp8 = the FP8 recipe for every linear (sets model.fp8 for training)
+    # V3.2 (DSA, REFERENCE §11): the indexer's KL loss is added to the total with this weight (its inputs are
+    # detached, so it trains only the indexer). trainable=indexer freezes everything else (updates, weight decay
+    # and router biases): the dense warm-up stage; all = the sparse stage (main model on the LM loss).
+    indexer_loss_scale: float = 1.0  # weight of Σ_layers indexer KL in the total loss (V3.2 models only)
+    trainable: Literal["all", "indexer"] = "all"  # indexer = freeze all but the V3.2 indexer (dense warm-up)
     seed: int = 0  # model init and step rng
     log_every: int = 10  # steps between metrics.jsonl records
     eval_every: int = 100  # steps between held-out evaluations (0 = never)
@@ -524,7 +550,7 @@ _HF_IGNORED = {
     "mlp_layer_types", "layer_types", "sliding_window", "max_window_layers", "use_sliding_window",
     "output_router_logits", "router_aux_loss_coef", "qk_head_dim", "tokenizer_class", "is_encoder_decoder",
     "use_bfloat16", "torchscript", "chunk_size_feed_forward", "problem_type", "add_cross_attention",
-    "tie_encoder_decoder", "_attn_implementation", "_attn_implementation_autoset",
+    "tie_encoder_decoder", "_attn_implementation", "_attn_implementation_autoset", "mlp_bias",
 }
 
 
@@ -538,8 +564,15 @@ def model_config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> M
             raise ConfigError(f"HF config {str(p)!r} does not exist")
         hf = json.loads(p.read_text())
     hf = dict(hf)
-    if hf.get("model_type", "deepseek_v3") not in ("deepseek_v3", "deepseek_v2"):
-        raise ConfigError(f"HF config model_type={hf.get('model_type')!r}: expected 'deepseek_v3' (or 'deepseek_v2')")
+    model_type = hf.get("model_type", "deepseek_v3")
+    if model_type not in ("deepseek_v3", "deepseek_v2", "deepseek_v32"):
+        raise ConfigError(f"HF config model_type={model_type!r}: expected 'deepseek_v3', 'deepseek_v32' "
+                          f"(or 'deepseek_v2')")
+    if model_type == "deepseek_v32":  # HF's defaults for keys a V3.2 config.json may leave out
+        hf = {"index_topk": 2048, "index_n_heads": 64, "index_head_dim": 128, **hf}
+    elif "index_topk" in hf:
+        raise ConfigError(f"HF config has index_topk but model_type={model_type!r}: DSA checkpoints are "
+                          f"'deepseek_v32'")
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"HF config hidden_act={hf['hidden_act']!r}: only 'silu' (SwiGLU) is supported")
     if hf.get("attention_bias"):
@@ -596,9 +629,12 @@ def model_config_from_hf(hf: dict[str, Any] | str | Path, **overrides: Any) -> M
 
 def model_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """HF ``config.json`` dict for ``cfg`` (loadable by transformers' DeepseekV3ForCausalLM)."""
-    out: dict[str, Any] = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
+    out: dict[str, Any] = ({"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32"} if cfg.uses_dsa
+                           else {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"})
     skip = {"rope_scaling", "yarn_only_when_extended", "dtype", "param_dtype", "attention_impl", "moe_impl",
-            "mla_decode_impl", "remat", "fp8", "fp8_pow2_scales", "fp8_weights", "packed_samples"}
+            "mla_decode_impl", "remat", "fp8", "fp8_pow2_scales", "fp8_weights", "packed_samples", "index_attention"}
+    if not cfg.uses_dsa:
+        skip |= {"index_topk", "index_n_heads", "index_head_dim"}
     for f in dataclasses.fields(cfg):
         if f.name not in skip:
             out[f.name] = getattr(cfg, f.name)

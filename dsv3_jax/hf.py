@@ -67,6 +67,12 @@ def _block_slots(cfg: ModelConfig, prefix: str, where: tuple[str, ...], layer: i
     norms = ["kv_a_layernorm"] + (["q_a_layernorm"] if cfg.q_lora_rank else [])
     for name in norms:
         yield f"{prefix}self_attn.{name}.weight", Slot(p, (*where, "self_attn", name, "scale"), layer)
+    if cfg.uses_dsa:  # the V3.2 lightning indexer
+        ix = f"{prefix}self_attn.indexer."
+        for name in ("wq_b", "wk", "weights_proj"):
+            yield f"{ix}{name}.weight", Slot(p, (*where, "self_attn", "indexer", name, "kernel"), layer, in_dims=1)
+        for hf_name, ours in (("weight", "scale"), ("bias", "bias")):
+            yield f"{ix}k_norm.{hf_name}", Slot(p, (*where, "self_attn", "indexer", "k_norm", ours), layer)
     mlp = (*where, "mlp")
     if not moe:
         for name in ("gate_proj", "up_proj", "down_proj"):

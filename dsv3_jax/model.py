@@ -24,7 +24,8 @@ class ModelOutput(NamedTuple):
     k positions are padding) or None; expert_load [L_moe, E] and balance [L_moe] of the main MoE layers;
     mtp_expert_load [D, E], mtp_balance [D]; cache (dict of stacked LatentCache) or None; hidden [B, T, d]
     the final normed hidden state (the head input); moe_dropped [] routed copies dropped for expert-parallel
-    capacity, all MoE layers (main + MTP) together (sharding/expert.py; 0 without expert parallelism)."""
+    capacity, all MoE layers (main + MTP) together (sharding/expert.py; 0 without expert parallelism);
+    indexer_kl / topk_mass [L + D] (V3.2 only)."""
 
     logits: jax.Array
     mtp_logits: jax.Array | None
@@ -34,6 +35,10 @@ class ModelOutput(NamedTuple):
     mtp_balance: jax.Array
     cache: dict[str, LatentCache] | None
     hidden: jax.Array
+    # V3.2 (DSA) only, per layer [L + D] (main layers, then the MTP blocks): the indexer's KL to the head-mean attention and the share of that
+    # attention the top-k keys hold (dense warm-up; NaN in the sparse stage). None without an indexer.
+    indexer_kl: jax.Array | None = None
+    topk_mass: jax.Array | None = None
     moe_dropped: jax.Array | float = 0.0
 
 
@@ -85,6 +90,7 @@ class Transformer(nn.Module):
         x = logical(embed(tokens), ("activation_batch", "activation_length", "activation_embed"))
 
         new_cache: dict[str, LatentCache] = {}
+        ikl, mass = [], []
         E = c.n_routed_experts
         load, balance = jnp.zeros((0, E), jnp.float32), jnp.zeros((0,), jnp.float32)
         dropped = jnp.zeros((), jnp.float32)
@@ -97,6 +103,9 @@ class Transformer(nn.Module):
                 new_cache[kind] = layer_cache
             if moe:
                 load, balance, dropped = aux["load"], aux["balance"], aux["dropped"].sum()
+            if "indexer_kl" in aux:  # V3.2 layers (a pipelined MoE stack returns only the MoE aux)
+                ikl.append(aux["indexer_kl"])
+                mass.append(aux["topk_mass"])
 
         h = RMSNorm(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, name="norm")(x)
         if c.tie_word_embeddings:
@@ -117,10 +126,14 @@ class Transformer(nn.Module):
                 loads.append(aux.get("load", jnp.zeros((E,), jnp.float32)))
                 bals.append(aux.get("balance", jnp.zeros((), jnp.float32)))
                 dropped = dropped + aux.get("dropped", 0.0)
+                if "indexer_kl" in aux:  # the MTP block's own indexer (V3.2)
+                    ikl.append(aux["indexer_kl"][None])
+                    mass.append(aux["topk_mass"][None])
             mtp_logits, mtp_load, mtp_bal = jnp.stack(outs), jnp.stack(loads), jnp.stack(bals)
 
         return ModelOutput(logits, mtp_logits, load, balance, mtp_load, mtp_bal,
-                           new_cache if cache is not None else None, h, dropped)
+                           new_cache if cache is not None else None, h,
+                           jnp.concatenate(ikl) if ikl else None, jnp.concatenate(mass) if mass else None, dropped)
 
 
 def init_variables(cfg: ModelConfig, rng: jax.Array, batch: int = 1, seq: int = 8) -> dict:

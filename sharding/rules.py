@@ -32,6 +32,8 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_lora", None),
     ("qk_head_dim", None),
     ("kv_head_dim", None),
+    ("index_heads", None),  # the V3.2 indexer (small: replicated)
+    ("index_head_dim", None),
     ("exp", "expert"),
     ("moe_mlp", "tensor"),
     ("layers", "pipeline"),  # the MoE layer stack: contiguous blocks of layers per pipeline stage

@@ -40,6 +40,8 @@ COVERAGE: tuple[tuple[str, str, str], ...] = (
     ("python train.py --config configs/tiny.yaml", "test", "tests/test_docs.py::test_readme_train_plot_serve"),
     ("python train.py --config configs/tiny.yaml model.num_hidden_layers=5 mesh.", "test",
      "tests/test_sharding.py::test_train_steps_match_one_device"),  # the same mesh through train(), 8 CPUs
+    # The two V3.2 stages: the test runs these config files through train() in-process (shrunk by overrides).
+    ("python train.py --config configs/tiny_v32_", "test", "tests/test_dsa.py::test_tiny_warmup_then_sparse_stage"),
     ("python -m dsv3_jax.plot", "test", "tests/test_docs.py::test_readme_train_plot_serve"),
     ("python -m dsv3_jax.plot --schedule", "test", "tests/test_schedule.py::test_plot_schedule"),
     ("python -m dsv3_jax.training.schedule", "test", "tests/test_schedule.py::test_readme_printer_command"),

@@ -247,6 +247,10 @@ def _train(cfg: Config, make_train_iter: Callable[[int], DataIterator],
                     m = jax.device_get(m)
                     record = {k: m[k] for k in ("loss", "ce", "mtp_loss", "balance_loss", "grad_norm", "lr",
                                                 "maxvio", "mtp_maxvio", "moe_dropped")}
+                    if cfg.model.uses_dsa:  # V3.2: the indexer's KL and the attention mass its top-k keeps
+                        record["indexer_kl"] = m["indexer_kl"]
+                        if cfg.model.index_attention == "dense":  # needs every key's attention weight
+                            record["topk_mass"] = m["topk_mass"]
                     record.update(step=step, loss_avg=loss_avg, tokens_seen=int(state.tokens_seen),
                                   tokens_per_s=tokens_per_s,
                                   mfu=metrics_lib.mfu(tokens_per_s, fpt, peak, jax.device_count()),

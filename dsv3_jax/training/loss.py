@@ -1,6 +1,6 @@
-"""Training losses: next-token CE, MTP CE, sequence-wise balance loss (REFERENCE §5, §6).
+"""Training losses: next-token CE, MTP CE, sequence-wise balance loss (REFERENCE §5, §6), V3.2 indexer KL (§11).
 
-``L = L_main + (λ/D) Σ_k L_MTP^k + α (Σ_layers balance + Σ_k mtp_balance)``, everything in float32.
+``L = L_main + (λ/D) Σ_k L_MTP^k + α (Σ_layers balance + Σ_k mtp_balance) + s_I Σ_layers KL_I``, all float32.
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from dsv3_jax.model import ModelOutput
 
 class Losses(NamedTuple):
     """Scalars: total (what is differentiated), ce (main next-token), mtp (Σ_k L_MTP^k / D, before λ),
-    balance (α-weighted, main + MTP layers)."""
+    balance (α-weighted, main + MTP layers), indexer_kl (V3.2: Σ over layers of the indexer's KL, before its
+    scale; 0 without an indexer)."""
 
     total: jax.Array
     ce: jax.Array
     mtp: jax.Array
     balance: jax.Array
+    indexer_kl: jax.Array
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -61,7 +63,7 @@ def target_mask(loss_mask: jax.Array, segment_ids: jax.Array, depth: int) -> jax
 
 def compute_losses(out: ModelOutput, tokens: jax.Array, mtp_lambda: jax.Array | float,
                    balance_alpha: float, loss_mask: jax.Array | None = None,
-                   segment_ids: jax.Array | None = None) -> Losses:
+                   segment_ids: jax.Array | None = None, indexer_loss_scale: float = 1.0) -> Losses:
     """Losses of one (micro-)batch. tokens [B, T+1]; ``out`` is the model applied to tokens[:, :T].
 
     Balance: TR §2.1.2 gives each MoE layer its own sequence-wise loss ``α Σ_i f_i P_i``; the total loss adds
@@ -89,4 +91,7 @@ def compute_losses(out: ModelOutput, tokens: jax.Array, mtp_lambda: jax.Array | 
         mtp = jnp.zeros((), jnp.float32)
     balance = balance_alpha * (out.balance.sum() + out.mtp_balance.sum())
     total = ce + mtp_lambda * mtp + balance
-    return Losses(total, ce, mtp, balance)
+    # V3.2: each layer's indexer learns from its own KL (summed, like the balance terms); its inputs are detached
+    # and the attention target carries no gradient, so this term moves the indexer parameters only.
+    ikl = jnp.zeros((), jnp.float32) if out.indexer_kl is None else out.indexer_kl.sum()
+    return Losses(total + indexer_loss_scale * ikl, ce, mtp, balance, ikl)

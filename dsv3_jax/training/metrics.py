@@ -25,7 +25,7 @@ from dsv3_jax.config import ModelConfig
 log = logging.getLogger(__name__)
 
 LOGGED = ("step", "tokens_seen", "loss", "loss_avg", "ce", "mtp_loss", "balance_loss", "grad_norm", "lr",
-          "tokens_per_s", "mfu", "maxvio", "mtp_maxvio", "moe_dropped")
+          "tokens_per_s", "mfu", "maxvio", "mtp_maxvio", "moe_dropped", "indexer_kl", "topk_mass")
 
 # Dense BF16 peak FLOP/s per device (no sparsity). REFERENCE §10 for H100/H800.
 PEAK_FLOPS = (

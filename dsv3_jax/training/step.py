@@ -144,10 +144,18 @@ def cast_experts(params, dtype):
     return jax.tree_util.tree_map_with_path(lambda p, w: w.astype(dtype) if fp8.expert_leaf(p, w) else w, params)
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "opt", "balance_alpha"),
+def indexer_only(tree: Any) -> Any:
+    """Bool pytree like ``tree``: True on the V3.2 lightning indexer's leaves (``…/indexer/…``)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: any(getattr(k, "key", None) == "indexer" for k in path), tree)
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "opt", "balance_alpha", "indexer_loss_scale",
+                                             "trainable"),
                    donate_argnames=("params", "router", "opt_state", "rng"))
 def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_cfg: ModelConfig,
-                opt: optim.OptimSettings, balance_alpha: float):
+                opt: optim.OptimSettings, balance_alpha: float, indexer_loss_scale: float = 1.0,
+                trainable: str = "all"):
     """tokens [n, mb, T+1] int32 — or a dict of such arrays: ``tokens`` plus, for packed chat rows,
     ``loss_mask``, ``positions``, ``segment_ids`` (dsv3_jax/data/chat.py) — → (params, router, opt_state, rng,
     metrics). Compiled once per (configs, n, batch fields)."""
@@ -166,34 +174,43 @@ def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_c
         positions = b["positions"][:, :-1] if "positions" in b else None
         out = model.apply({"params": fp8.with_prequantized(p, pre) if pre else p, "router": router}, tok[:, :-1],
                           positions)
-        losses = compute_losses(out, tok, hyper.mtp_lambda, balance_alpha, b.get("loss_mask"), b.get("segment_ids"))
-        return losses.total, (losses, out.expert_load, out.mtp_expert_load, out.moe_dropped)
+        losses = compute_losses(out, tok, hyper.mtp_lambda, balance_alpha, b.get("loss_mask"), b.get("segment_ids"),
+                                indexer_loss_scale=indexer_loss_scale)
+        mass = jnp.zeros((), jnp.float32) if out.topk_mass is None else out.topk_mass.mean()
+        return losses.total, (losses, out.expert_load, out.mtp_expert_load, out.moe_dropped, mass)
 
     def micro(carry, tok):
-        g_acc, l_acc, load_acc, mtp_acc, drop_acc = carry
-        (_, (losses, load, mtp_load, dropped)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, tok)
+        g_acc, l_acc, load_acc, mtp_acc, drop_acc, mass_acc = carry
+        (_, (losses, load, mtp_load, dropped, mass)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, tok)
         g_acc = jax.tree.map(jnp.add, g_acc, g)
         l_acc = jax.tree.map(jnp.add, l_acc, losses)
-        return (g_acc, l_acc, load_acc + load, mtp_acc + mtp_load.reshape(D, E), drop_acc + dropped), None
+        return (g_acc, l_acc, load_acc + load, mtp_acc + mtp_load.reshape(D, E), drop_acc + dropped,
+                mass_acc + mass), None
 
     batch = tokens if isinstance(tokens, dict) else {"tokens": tokens}
     n = batch["tokens"].shape[0]
     zero = jnp.zeros((), jnp.float32)
-    init = (jax.tree.map(jnp.zeros_like, params), Losses(zero, zero, zero, zero),
-            jnp.zeros((model_cfg.num_moe_layers, E), jnp.float32), jnp.zeros((D, E), jnp.float32), zero)
+    init = (jax.tree.map(jnp.zeros_like, params), Losses(zero, zero, zero, zero, zero),
+            jnp.zeros((model_cfg.num_moe_layers, E), jnp.float32), jnp.zeros((D, E), jnp.float32), zero, zero)
     if n == 1:  # no accumulation buffer: saves a full f32 copy of the params' size
-        (g_sum, l_sum, load, mtp_load, dropped), _ = micro(jax.tree.map(jnp.zeros_like, init),
-                                                           jax.tree.map(lambda a: a[0], batch))
+        (g_sum, l_sum, load, mtp_load, dropped, mass), _ = micro(jax.tree.map(jnp.zeros_like, init),
+                                                                 jax.tree.map(lambda a: a[0], batch))
     else:
-        (g_sum, l_sum, load, mtp_load, dropped), _ = jax.lax.scan(micro, init, batch)
+        (g_sum, l_sum, load, mtp_load, dropped, mass), _ = jax.lax.scan(micro, init, batch)
     # Micro-batches have equal token counts, so the mean of per-micro means is the global-batch mean.
     grads = jax.tree.map(lambda g: g / n, g_sum)
     losses = jax.tree.map(lambda v: v / n, l_sum)
+    keep = None
+    if trainable == "indexer":  # V3.2 dense warm-up: only the indexer moves (clip sees only its gradient)
+        keep = indexer_only(params)
+        grads = jax.tree.map(lambda g, k: g if k else jnp.zeros_like(g), grads, keep)
 
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
     direction, opt_state = optim.make_optimizer(opt).update(grads, opt_state, params)
+    if keep is not None:  # no weight decay on the frozen params either, and the router biases stay
+        direction = jax.tree.map(lambda u, k: u if k else jnp.zeros_like(u), direction, keep)
     params = jax.tree.map(lambda p, u: p - hyper.lr * u, params, direction)
-    router = update_router(router, load, mtp_load, hyper.gamma)
+    router = update_router(router, load, mtp_load, hyper.gamma if keep is None else 0.0)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(rng))[0])
 
     metrics = {
@@ -204,6 +221,8 @@ def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_c
         # moe_copies = tokens × K × MoE layers (main + MTP)
         "moe_dropped": dropped,
         "finite": jnp.isfinite(losses.total) & jnp.isfinite(grad_norm),
+        # V3.2: Σ_layers indexer KL; share of the head-mean attention on the top-k keys (dense attention only)
+        "indexer_kl": losses.indexer_kl, "topk_mass": mass / n,
     }
     return params, router, opt_state, rng, metrics
 
@@ -253,7 +272,8 @@ def train_step(state: TrainState, tokens: np.ndarray, cfg: Config, mesh: Any = N
         params, router, opt_state, rng, metrics = _train_core(
             state.params, state.router, state.opt_state, state.rng, tokens, hyper,
             model_cfg=training_model_config(cfg), opt=optim.OptimSettings.from_train(cfg.train),
-            balance_alpha=cfg.train.balance_alpha)
+            balance_alpha=cfg.train.balance_alpha, indexer_loss_scale=cfg.train.indexer_loss_scale,
+            trainable=cfg.train.trainable)
     if mesh is not None:  # a no-op when the partitioner kept them in place
         params, router, opt_state, rng = jax.device_put((params, router, opt_state, rng), keep)
         if jax.process_count() > 1:  # every process reads the metrics (e.g. expert_load is sharded over stages)

@@ -1,0 +1,302 @@
+"""DeepSeek-V3.2 sparse attention (DSA): the lightning indexer and top-k sparse MLA (REFERENCE §11).
+
+Per layer, the indexer scores every causal key s for every query t,
+
+    I(t, s) = Σ_j w_{t,j} · ReLU(q_{t,j} · k_s) · d_I^-0.5,   w = weights_proj(x) · n_I^-0.5,
+
+with ``q = wq_b(cq)`` [n_I, d_I] from MLA's normalised query latent, ``k = LayerNorm(wk(x))`` [d_I] (one key
+per token, LayerNorm with weight and bias) and RoPE on the first ``qk_rope_head_dim`` dims of both. Each query
+keeps its top ``index_topk`` causal keys and MLA attends only to those.
+
+RoPE convention: the indexer rotates **half-split** pairs (x[i], x[i + r/2]) as HF transformers' ``deepseek_v32``
+does (the parity reference), while MLA keeps the checkpoint's interleaved pairs; the first V3.2-Exp inference
+code rotated interleaved pairs in the indexer too. The official code's Hadamard rotation of q and k is
+orthogonal (dot products unchanged) and only matters with FP8 indexer scoring, so this BF16/FP32 path skips it.
+
+Sparse attention is actually sparse: :func:`sparse_latent_attention` gathers each query's k selected latent rows
+(c_kv, k_rope) and attends in latent space (kv_b_proj absorbed), O(T·k) instead of O(T²), a block of queries at
+a time. :func:`masked_dense_attention` is the O(T²) reference it is tested against.
+
+Shapes: B batch, T queries, S keys, H MLA heads, J = n_I indexer heads, D = d_I, k = selected keys per query,
+c = kv_lora, r = qk_rope, n = qk_nope, v = v_head.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax import rope
+from dsv3_jax.attention import (
+    NEG_INF,
+    LatentCache,
+    StackSlot,
+    causal_mask,
+    causal_naive,
+    kv_b_proj,
+    mla_inputs,
+    naive_attention,
+    o_proj,
+    write_cache,
+    write_stacked,
+)
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import Linear, dtype_of, linear_args
+
+
+class LayerNorm(nn.Module):
+    """``(x - mean) · rsqrt(var + eps) · w + b`` over the last axis in float32 (the indexer's ``k_norm``)."""
+
+    eps: float = 1e-6
+    param_dtype: str = "float32"
+    axis_name: str = "index_head_dim"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        w = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)), (d,),
+                       dtype_of(self.param_dtype))
+        b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)), (d,),
+                       dtype_of(self.param_dtype))
+        x32 = x.astype(jnp.float32)
+        mu = jnp.mean(x32, -1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mu), -1, keepdims=True)
+        return (x32 - mu) * jax.lax.rsqrt(var + self.eps) * w.astype(jnp.float32) + b.astype(jnp.float32)
+
+
+class IndexerOut(NamedTuple):
+    """q [B, T, J, D] f32, k [B, T, D] f32 (both roped), w [B, T, J] f32 head weights (n_I^-0.5 folded in)."""
+
+    q: jax.Array
+    k: jax.Array
+    w: jax.Array
+
+
+class Indexer(nn.Module):
+    """The lightning indexer's projections: x [B, T, d], cq [B, T, q_lora], cos/sin [B, T, r/2] → IndexerOut.
+
+    Parameter names follow the checkpoint (``self_attn.indexer.{wq_b, wk, k_norm, weights_proj}``).
+    ``weights_proj`` stays in float32 (HF keeps it FP32; the official checkpoint stores it BF16, never FP8).
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cq: jax.Array, cos: jax.Array, sin: jax.Array) -> IndexerOut:
+        c = self.cfg
+        J, D, r = c.index_n_heads, c.index_head_dim, c.qk_rope_head_dim
+        lin = linear_args(c)
+        q = Linear((J, D), ("q_lora", "index_heads", "index_head_dim"), name="wq_b", **lin)(cq).astype(jnp.float32)
+        k = Linear((D,), ("embed", "index_head_dim"), name="wk", **lin)(x)
+        k = LayerNorm(param_dtype=c.param_dtype, name="k_norm")(k)
+        # Half-split RoPE on the first r dims (HF deepseek_v32), the rest passes through.
+        q = jnp.concatenate([rope.apply_rope(q[..., :r], cos, sin, interleave=False), q[..., r:]], -1)
+        k = jnp.concatenate([rope.apply_rope(k[..., :r], cos, sin, interleave=False), k[..., r:]], -1)
+        w = Linear((J,), ("embed", "index_heads"), name="weights_proj", dtype="float32", param_dtype=c.param_dtype,
+                   init_std=c.initializer_range)(x.astype(jnp.float32))
+        return IndexerOut(q, k, w * J ** -0.5)
+
+
+def index_scores(ix: IndexerOut, keys: jax.Array | None = None) -> jax.Array:
+    """I(t, s) [B, T, S] float32 = Σ_j w_{t,j} · ReLU(q_{t,j} · k_s) · D^-0.5 for keys [B, S, D] (default ix.k)."""
+    keys = ix.k if keys is None else keys
+    D = ix.q.shape[-1]
+    s = jnp.einsum("btjd,bsd->btjs", ix.q, keys.astype(jnp.float32), preferred_element_type=jnp.float32)
+    return jnp.einsum("btj,btjs->bts", ix.w, jax.nn.relu(s * D ** -0.5))
+
+
+def select_topk(scores: jax.Array, mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Each query's top-k causal keys: scores [B, T, S], mask [B, T, S] → (idx [B, T, k'] int32, valid [B, T, k']).
+
+    k' = min(k, S). A query with fewer than k' visible keys gets filler indices with valid False. Selection is
+    not differentiable (the indexer learns through its own loss, not through the choice).
+    """
+    k = min(k, scores.shape[-1])
+    masked = jnp.where(mask, jax.lax.stop_gradient(scores), -jnp.inf)
+    vals, idx = jax.lax.top_k(masked, k)
+    return idx.astype(jnp.int32), vals > -jnp.inf
+
+
+def selection_mask(idx: jax.Array, valid: jax.Array, S: int) -> jax.Array:
+    """[B, T, S] bool: key s is among query t's valid selected keys (the masked-dense form of a selection)."""
+    hit = jax.nn.one_hot(idx, S, dtype=jnp.bool_) & valid[..., None]  # [B, T, k, S]
+    return jnp.any(hit, axis=2)
+
+
+def masked_dense_attention(q_nope, q_rope, c_kv, k_rope, w_kv_b, mask, scale, dtype):
+    """Reference: up-projected MLA over all S keys with mask [B, T, S] (causal ∧ selected). O(T·S).
+
+    q_nope [B,T,H,n], q_rope [B,T,H,r], c_kv [B,S,c], k_rope [B,S,r], w_kv_b [c,H,n+v] → [B,T,H,v].
+    """
+    n = q_nope.shape[-1]
+    kv = jnp.einsum("bsc,chk->bshk", c_kv, w_kv_b.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+    return naive_attention(q_nope, q_rope, kv[..., :n], k_rope, kv[..., n:], mask, scale, dtype)
+
+
+def _sparse_block(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, dtype):
+    """One query block: q_lat [B,t,H,c], q_rope [B,t,H,r], c_kv [B,S,c], k_rope [B,S,r], idx/valid [B,t,k]
+    → o_lat [B,t,H,c]. Gathers the k selected latent rows per query: [B, t, k, c + r]."""
+    ck, kr = gather_keys(c_kv, idx), gather_keys(k_rope, idx)
+    scores = (jnp.einsum("bthc,btkc->bhtk", q_lat, ck, preferred_element_type=jnp.float32)
+              + jnp.einsum("bthr,btkr->bhtk", q_rope, kr, preferred_element_type=jnp.float32))
+    scores = jnp.where(valid[:, None], scores * scale, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("bhtk,btkc->bthc", probs, ck, preferred_element_type=jnp.float32).astype(dtype)
+
+
+def map_query_blocks(fn, xs: tuple, block: int):
+    """Apply ``fn(*xs)`` to ``block`` queries at a time: every array of xs is [B, T, ...]; the outputs (a pytree of
+    [B, T, ...] arrays) are reassembled. T is padded up to a multiple of ``block`` (padded rows are dropped)."""
+    T = xs[0].shape[1]
+    if T <= block:
+        return fn(*xs)
+    nb = -(-T // block)
+    pad = nb * block - T
+
+    def split(a):  # [B, T, ...] → [nb, B, block, ...]
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        return jnp.moveaxis(a.reshape(a.shape[0], nb, block, *a.shape[2:]), 1, 0)
+
+    def join(a):  # [nb, B, block, ...] → [B, T, ...]
+        return jnp.moveaxis(a, 0, 1).reshape(a.shape[1], nb * block, *a.shape[3:])[:, :T]
+
+    return jax.tree.map(join, jax.lax.map(lambda b: fn(*b), tuple(split(a) for a in xs)))
+
+
+def topk_blocked(ix: IndexerOut, keys: jax.Array, q_pos: jax.Array, k_pos: jax.Array, k: int, block: int = 64
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Each query's top-k causal keys without the full score matrix: ``block`` queries at a time hold
+    [B, block, J, S] scores. keys [B, S, D], q_pos [B, T], k_pos [B, S] → (idx, valid) [B, T, k'] as
+    :func:`select_topk`."""
+    def one(q, w, qp):
+        return select_topk(index_scores(IndexerOut(q, keys, w)), k_pos[:, None, :] <= qp[:, :, None], k)
+
+    return map_query_blocks(one, (ix.q, ix.w, q_pos), block)
+
+
+def selected_scores(ix: IndexerOut, keys: jax.Array, idx: jax.Array) -> jax.Array:
+    """I(t, s) at the selected keys only: keys [B, S, D], idx [B, T, k] → [B, T, k] float32. O(T·k·J·D)."""
+    D = ix.q.shape[-1]
+    ks = gather_keys(keys.astype(jnp.float32), idx)  # [B, T, k, D]
+    s = jnp.einsum("btjd,btkd->btjk", ix.q, ks, preferred_element_type=jnp.float32)
+    return jnp.einsum("btj,btjk->btk", ix.w, jax.nn.relu(s * D ** -0.5))
+
+
+def sparse_latent_attention(q_nope, q_rope, c_kv, k_rope, w_kv_b, idx, valid, scale, dtype, block: int = 256):
+    """MLA over each query's selected keys only, in latent space (kv_b_proj absorbed, REFERENCE §4).
+
+    q_nope [B,T,H,n], q_rope [B,T,H,r], c_kv [B,S,c], k_rope [B,S,r], w_kv_b [c,H,n+v], idx/valid [B,T,k]
+    → [B,T,H,v]. Cost O(T·k·H·(c + r)); queries go ``block`` at a time so the gathered rows take
+    B·block·k·(c + r) values, not B·T·k·(c + r).
+    """
+    n = q_nope.shape[-1]
+    w = w_kv_b.astype(dtype)
+    q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w[..., :n], preferred_element_type=jnp.float32).astype(dtype)
+    q_rope = q_rope.astype(dtype)
+    c_kv, k_rope = c_kv.astype(dtype), k_rope.astype(dtype)
+    o_lat = map_query_blocks(lambda q, qr, i, ok: _sparse_block(q, qr, c_kv, k_rope, i, ok, scale, dtype),
+                             (q_lat, q_rope, idx, valid), block)
+    return jnp.einsum("bthc,chv->bthv", o_lat, w[..., n:], preferred_element_type=jnp.float32).astype(dtype)
+
+
+def head_mean_probs(q_nope, q_rope, c_kv, k_rope, w_uk, mask, scale) -> jax.Array:
+    """The main attention distribution summed over heads and L1-normalised (= the head mean), float32, no
+    gradient: q_nope [B,T,H,n], q_rope [B,T,H,r], c_kv [B,S,c], k_rope [B,S,r], w_uk [c,H,n], mask [B,T,S]
+    → p [B, T, S] (rows sum to 1 over the masked-in keys). O(T·S·H): the dense warm-up's target."""
+    q_lat = jnp.einsum("bthn,chn->bthc", q_nope.astype(jnp.float32), w_uk.astype(jnp.float32))
+    scores = (jnp.einsum("bthc,bsc->bhts", q_lat, c_kv.astype(jnp.float32))
+              + jnp.einsum("bthr,bsr->bhts", q_rope.astype(jnp.float32), k_rope.astype(jnp.float32)))
+    probs = jax.nn.softmax(jnp.where(mask[:, None], scores * scale, NEG_INF), axis=-1)
+    return jax.lax.stop_gradient(probs.mean(axis=1))
+
+
+def indexer_kl(p: jax.Array, scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean over queries of KL(p_t ‖ softmax(I_t)) over the keys in ``mask`` (V3.2 paper; REFERENCE §11).
+
+    p [B, T, S] (rows sum to 1 on ``mask``), scores [B, T, S] the indexer's I(t, ·), mask [B, T, S] bool → scalar.
+    Dense warm-up: S = all keys, mask causal. Sparse stage: S = the k selected keys, mask = valid. Gradient flows
+    into ``scores`` only (p is a fixed target).
+    """
+    logq = jax.nn.log_softmax(jnp.where(mask, scores, NEG_INF), axis=-1)
+    p = jax.lax.stop_gradient(p)
+    kl = jnp.where(mask & (p > 0), p * (jnp.log(jnp.where(p > 0, p, 1.0)) - logq), 0.0).sum(-1)
+    return kl.mean()
+
+
+def gather_keys(a: jax.Array, idx: jax.Array) -> jax.Array:
+    """a [B, S, ...] at idx [B, T, k] → [B, T, k, ...]."""
+    return jax.vmap(lambda x, i: x[i])(a, idx)
+
+
+class DSA(nn.Module):
+    """MLA with the lightning indexer: x [B, T, d], positions [B, T] → (out [B, T, d], cache, aux).
+
+    The same parameters as :class:`dsv3_jax.attention.MLA` plus ``indexer``. ``cfg.index_attention`` "sparse":
+    every query attends to its top ``index_topk`` causal keys (gathered); "dense": to every causal key (the
+    warm-up stage of training). Without a cache, aux: ``indexer_kl`` (scalar) — dense: KL(head-mean attention ‖
+    softmax(I)) over all causal keys; sparse: over the selected keys — and ``topk_mass`` (dense only, else NaN):
+    the share of the head-mean attention on the top-k keys. The indexer's inputs are detached, so the indexer
+    learns only from its KL and the main model only from the LM loss (the selection itself has no gradient).
+
+    With a cache (``LatentCache`` with ``k_index``; serving: prefill chunks and decode) the new latents and
+    indexer keys are written at their positions and each query selects its top-k among the cached slots at
+    positions ≤ its own; the attention is the same gathered latent math either way (``absorbed`` changes
+    nothing here), and aux is empty.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: LatentCache | StackSlot | None = None,
+                 absorbed: bool = False):
+        c = self.cfg
+        dt = dtype_of(c.dtype)
+        n = c.qk_nope_head_dim
+        inp = mla_inputs(c, x, positions)
+        sg = jax.lax.stop_gradient
+        ix = Indexer(c, name="indexer")(sg(x), sg(inp.cq), inp.cos, inp.sin)
+        scale, _ = rope.attention_factors(c)
+        kv_b = kv_b_proj(c)
+        w = kv_b(None, in_shape=(c.kv_lora_rank,))  # [c, H, n + v]
+        if cache is not None:
+            if isinstance(cache, StackSlot):
+                cache, view = write_stacked(cache, inp.c_kv, inp.k_rope, positions, ix.k)
+            else:
+                cache = view = write_cache(cache, inp.c_kv, inp.k_rope, positions, ix.k)
+            slots = jnp.broadcast_to(jnp.arange(view.c_kv.shape[1]), view.c_kv.shape[:2])
+            mask = causal_mask(positions, slots)
+            c_kv, k_rope = view.c_kv.astype(dt), view.k_rope.astype(dt)
+            if c.index_attention == "dense":
+                out = masked_dense_attention(inp.q_nope, inp.q_rope, c_kv, k_rope, w, mask, scale, dt)
+            else:
+                idx, valid = topk_blocked(ix, view.k_index, positions, slots, c.index_topk)
+                out = sparse_latent_attention(inp.q_nope, inp.q_rope, c_kv, k_rope, w, idx, valid, scale, dt)
+            return o_proj(c, out), cache, {}
+        if c.index_attention == "dense":  # the warm-up: O(T²) by design (the KL is over every causal key)
+            causal = causal_mask(positions, positions)
+            scores = index_scores(ix)
+            idx, valid = select_topk(scores, causal, c.index_topk)
+            out = causal_naive(c, inp.q_nope, inp.q_rope, inp.c_kv, inp.k_rope, kv_b, scale)
+            p = head_mean_probs(inp.q_nope, inp.q_rope, inp.c_kv, inp.k_rope, w[..., :n], causal, scale)
+            aux = {"indexer_kl": indexer_kl(p, scores, causal),
+                   "topk_mass": jnp.mean(jnp.sum(jnp.where(valid, jnp.take_along_axis(p, idx, -1), 0.0), -1))}
+        else:  # never a [T, T] array: blocked top-k, gathered attention, KL over the selected keys
+            idx, valid = topk_blocked(ix, ix.k, positions, positions, c.index_topk)
+            out = sparse_latent_attention(inp.q_nope, inp.q_rope, inp.c_kv, inp.k_rope, w, idx, valid, scale, dt)
+            p = _selected_head_mean(inp.q_nope, inp.q_rope, inp.c_kv, inp.k_rope, w[..., :n], idx, valid, scale)
+            aux = {"indexer_kl": indexer_kl(p, selected_scores(ix, ix.k, idx), valid),
+                   "topk_mass": jnp.full((), jnp.nan, jnp.float32)}
+        return o_proj(c, out), None, aux
+
+
+def _selected_head_mean(q_nope, q_rope, c_kv, k_rope, w_uk, idx, valid, scale) -> jax.Array:
+    """Head-mean attention over each query's selected keys, float32, no gradient → [B, T, k]."""
+    f = jnp.float32
+    q_lat = jnp.einsum("bthn,chn->bthc", q_nope.astype(f), w_uk.astype(f))
+    ck, kr = gather_keys(c_kv.astype(f), idx), gather_keys(k_rope.astype(f), idx)
+    s = jnp.einsum("bthc,btkc->bhtk", q_lat, ck) + jnp.einsum("bthr,btkr->bhtk", q_rope.astype(f), kr)
+    probs = jax.nn.softmax(jnp.where(valid[:, None], s * scale, NEG_INF), axis=-1)
+    return jax.lax.stop_gradient(probs.mean(axis=1))
