@@ -259,9 +259,9 @@ class MeshConfig:
     expert_shards_per_node: int = 0  # expert-axis shards per node for that check; 0 = one process's (host's)
     # All-to-all expert dispatch (sharding/expert.py): each device sends each expert shard at most
     # ceil(f · its routed copies / mesh.expert) rows (rounded up to 8); a balanced layer needs f = 1. Copies past
-    # that are dropped and counted (metrics.jsonl `moe_dropped`, the progress line). 0 = exact/dropless (room for
-    # every copy to go to one shard: mesh.expert × the memory and traffic).
-    expert_capacity_factor: float = 2.0
+    # that are dropped and counted (metrics.jsonl `moe_dropped`, the progress line). 0 (default) = exact/dropless:
+    # room for every copy to go to one shard, mesh.expert × the buffers of f = 1 — set f (e.g. 2) at scale.
+    expert_capacity_factor: float = 0.0
 
     def __post_init__(self) -> None:
         if self.expert_shards_per_node < 0:

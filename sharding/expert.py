@@ -7,10 +7,10 @@ its expert, the owner runs its local experts on what it received with one groupe
 
 Static shapes: each device sends each peer a fixed block of ``cap`` rows (:func:`capacity`), so the exchange is a
 dense ``jax.lax.all_to_all`` of [ep, cap, d] — it runs on every backend (XLA:CPU has no ragged all-to-all).
-``cap = ceil(capacity_factor · n·K / ep)`` rounded up to 8 (``mesh.expert_capacity_factor``, 2 by default: a
-balanced layer sends n·K/ep to each peer), at most n·K. Copies past a peer's ``cap`` are dropped: their expert
-output is zero, the token keeps its other experts and the shared expert, and the count goes to the step's
-``moe_dropped`` metric — never silent. ``capacity_factor: 0`` is the exact (dropless) mode: cap = n·K, the most
+``cap = ceil(capacity_factor · n·K / ep)`` rounded up to 8 (``mesh.expert_capacity_factor``; a balanced layer
+sends n·K/ep to each peer), at most n·K. Copies past a peer's ``cap`` are dropped: their expert output is zero,
+the token keeps its other experts and the shared expert, and the count goes to the step's ``moe_dropped``
+metric — never silent. ``capacity_factor: 0`` (the default) is the exact (dropless) mode: cap = n·K, the most
 one peer can be sent. Traffic per device and layer: 2·(ep−1)·cap·d each way (dispatch + combine), against the
 (ep−1)·n·d·… of gathering every token of the group; memory: ep·cap rows instead of ep·n·K.
 

@@ -194,8 +194,8 @@ def single_device_run():
     dict(data=8),
     pytest.param(dict(data=8, zero1=False), marks=pytest.mark.slow),
     dict(pipeline=2, data=2, expert=2, zero1=False),
-    dict(expert=8),  # the default capacity factor 2: this batch's routing fits (16 tokens × 4 copies / device)
-    dict(expert=4, data=2, expert_capacity_factor=0.0),  # exact mode: at factor 2 this routing drops 2-3 copies
+    dict(expert=8, expert_capacity_factor=2.0),  # capacity blocks; this batch's routing fits them
+    dict(expert=4, data=2),  # exact mode (the default): at factor 2 this routing would drop 2-3 copies
     pytest.param(dict(pipeline=4, expert=2), marks=pytest.mark.slow),
 ], ids=["dp8-zero1", "dp8-nozero1", "pp2-dp2-ep2", "ep8", "ep4-dp2", "pp4-ep2"])
 def test_train_steps_match_one_device(single_device_run, mesh_kw):
@@ -225,7 +225,7 @@ def test_fp8_train_steps_on_ep4_dp2_match_one_device():
     which Adam (eps 1e-4) turns into update differences of a few percent of lr = 1e-3 — hence 2e-4 on params and
     1e-4 on the later losses. A wrong gradient term would be off by ~lr."""
     ref_state, ref_losses = _run_steps(_train_cfg("fp8"), None)
-    cfg = _train_cfg("fp8", expert=4, data=2, expert_capacity_factor=0.0)
+    cfg = _train_cfg("fp8", expert=4, data=2)
     state, losses = _run_steps(cfg, make_mesh(cfg.mesh))
     assert losses[0] == pytest.approx(ref_losses[0], rel=1e-6)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
