@@ -15,9 +15,12 @@ the WGMMA kernels of :mod:`dsv3_jax.kernels.fp8_gemm_mgpu` fed by the fused quan
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -440,6 +443,22 @@ def _fp8_matmul_bwd(spec, res, dy):
 _fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
 
 
+# A parallel strategy (sharding/partition.py) may run the token-parallel FP8 GEMMs per device: the Hopper kernels
+# are Pallas calls with no SPMD rule, so under a mesh XLA would gather their operands onto every device.
+_TOKEN_MAP: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("fp8_token_map", default=None)
+
+
+@contextlib.contextmanager
+def token_map_override(fn: Callable | None):
+    """While active, :func:`fp8_matmul` on the Hopper kernels runs as ``fn(f, x, w)``: ``f(x, w)`` on each device's
+    rows of x [M, K] (tokens) with the whole w — e.g. a ``shard_map`` over the batch axes."""
+    token = _TOKEN_MAP.set(fn)
+    try:
+        yield
+    finally:
+        _TOKEN_MAP.reset(token)
+
+
 def fp8_matmul(x: jax.Array, w: jax.Array, pow2: bool = False, out_dtype: jnp.dtype | None = None) -> jax.Array:
     """x [M, K] · w [K, N] → [M, N] (``out_dtype``, default x's) with all three GEMMs in FP8 (TR §3.3).
 
@@ -448,6 +467,9 @@ def fp8_matmul(x: jax.Array, w: jax.Array, pow2: bool = False, out_dtype: jnp.dt
     128 of K. Gradients come back in x's and w's dtypes (w may be the FP32 master weight: quantised directly).
     """
     spec = _Spec(pow2, jnp.dtype(out_dtype or x.dtype), jnp.dtype(x.dtype), jnp.dtype(w.dtype))
+    token_map = _TOKEN_MAP.get()
+    if token_map is not None and gemm_mode() == "mgpu":
+        return token_map(lambda x, w: _fp8_matmul(x, w, spec), x, w)
     return _fp8_matmul(x, w, spec)
 
 

@@ -10,11 +10,12 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dsv3_jax import fp8
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import Transformer
 from sharding.expert import expert_parallel
 from sharding.pipeline import pipeline_parallel
-from sharding.rules import LOGICAL_RULES, batch_spec
+from sharding.rules import BATCH_AXES, LOGICAL_RULES, batch_spec
 
 
 def logical_specs(cfg: ModelConfig) -> dict:
@@ -108,6 +109,21 @@ def state_shardings(params, router, opt_state, cfg: ModelConfig, mesh: Mesh, zer
     return p_sh, r_sh, walk(opt_state)
 
 
+def token_parallel(mesh: Mesh):
+    """Run a token-parallel GEMM ``f(x [M, K], w)`` per device on its rows of x (the batch axes), w whole: the FP8
+    Hopper kernels then see per-device shapes (fp8.token_map_override). Each device's rows are a contiguous run of
+    the global rows, so when that run is a multiple of 128 rows the 128-token Wgrad tiles are the global ones and
+    only the sum over devices is reassociated; otherwise (or with one batch shard) ``f`` runs on the global array."""
+    shards = math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+
+    def run(f, x, w):
+        if shards == 1 or x.shape[0] % shards or (x.shape[0] // shards) % fp8.BLOCK:
+            return f(x, w)
+        rows = P(BATCH_AXES, None)
+        return jax.shard_map(f, mesh=mesh, in_specs=(rows, P()), out_specs=rows, check_vma=False)(x, w)
+    return run
+
+
 @contextlib.contextmanager
 def parallel_context(mesh: Mesh, pipeline_microbatches: int = 0, pipeline_schedule: str = "gpipe",
                      pipeline_virtual_stages: int = 1, expert_capacity_factor: float = 0.0):
@@ -116,5 +132,6 @@ def parallel_context(mesh: Mesh, pipeline_microbatches: int = 0, pipeline_schedu
     and the MoE stack runs through the pipeline (sharding/pipeline.py)."""
     use = jax.set_mesh if isinstance(mesh, Mesh) else jax.sharding.use_abstract_mesh  # abstract: plans
     with (use(mesh), nn.logical_axis_rules(LOGICAL_RULES), expert_parallel(mesh, expert_capacity_factor),
+          fp8.token_map_override(token_parallel(mesh)),
           pipeline_parallel(mesh, pipeline_microbatches, pipeline_schedule, pipeline_virtual_stages)):
         yield
