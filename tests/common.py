@@ -62,15 +62,17 @@ TINY_MODEL_OVERRIDES = (
 
 
 @contextlib.contextmanager
-def running_server(app) -> Iterator[str]:
-    """Serve an ASGI ``app`` with uvicorn on a free 127.0.0.1 port in a background thread → its base url."""
+def running_server(app, config=None) -> Iterator[str]:
+    """Serve an ASGI ``app`` with uvicorn on a free 127.0.0.1 port in a background thread → its base url.
+    ``config``: a ``uvicorn.Config`` for ``app`` (default: uvicorn's, warnings only). The server must stop within
+    15 s of the context's end."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    srv = uvicorn.Server(config or uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -83,3 +85,4 @@ def running_server(app) -> Iterator[str]:
         srv.should_exit = True
         thread.join(15)
         sock.close()
+    assert not thread.is_alive(), "the server did not shut down within 15 s"

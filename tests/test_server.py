@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,7 +21,7 @@ from dsv3_jax.data import Tokenizer, train_bpe
 from dsv3_jax.serving import Engine, SamplingParams
 from dsv3_jax.serving.app import create_app, max_token_chars
 from dsv3_jax.serving.http import server_config
-from tests.common import random_variables, tiny_config
+from tests.common import random_variables, running_server, tiny_config
 
 MAX_LEN = 256
 CFG = tiny_config(vocab_size=320, max_position_embeddings=MAX_LEN)
@@ -45,23 +44,10 @@ def server(tok):
     """(base url, engine) of a running server; 8 cache rows, so 32 clients queue."""
     engine = Engine(CFG, random_variables(CFG), tokenizer=tok, max_slots=8, max_len=MAX_LEN)
     engine.warmup(buckets=[16, 32])  # the buckets these tests use; compiles before any client timeout runs
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
     app = create_app(engine, tok, MODEL, api_key=KEY, max_body_bytes=MAX_BODY)
-    srv = uvicorn.Server(server_config(app, read_timeout=READ_TIMEOUT, shutdown_timeout=5, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(15)
-    sock.close()
-    assert not thread.is_alive(), "the server did not shut down within 15 s"
+    config = server_config(app, read_timeout=READ_TIMEOUT, shutdown_timeout=5, log_level="warning")
+    with running_server(app, config) as url:
+        yield url, engine
 
 
 @pytest.fixture(scope="module")
