@@ -88,7 +88,8 @@ class ModelConfig:
     # ragged: sort + grouped matmul (tokamax on GPU, else lax.ragged_dot); dense: every expert on every token;
     # gather: each token copy reads its experts' weights (decode). auto: gather for ≤32 token copies on a GPU,
     # else ragged. mgpu: ragged on the Hopper BF16 grouped GEMMs (dsv3_jax/kernels/bf16_gemm_mgpu.py; experts
-    # padded to 128 rows; the interpreter off the GPU: tests); env DSV3_BF16_GEMM=mgpu makes auto/ragged take it.
+    # padded to 128 rows; the interpreter off the GPU: tests); auto/ragged take it on a GPU for training-sized
+    # batches (env DSV3_BF16_GEMM=tokamax keeps them on tokamax).
     moe_impl: Literal["auto", "ragged", "dense", "xla", "tokamax", "gather", "mgpu"] = "auto"
     # Absorbed (latent-cache) decode attention: xla = the einsums; pallas = the fused flash-decoding Pallas/Triton
     # kernel (dsv3_jax/kernels/mla_decode.py), in interpret mode off the GPU (slow: for tests).

@@ -163,7 +163,7 @@ def expert_rows(rows: jax.Array, ids: jax.Array, w_gate: Weight, w_up: Weight, w
     ``fp8_pow2`` not None: expert GEMMs in FP8 (REFERENCE §8) with power-of-two scales if True.
     ``align``: pad every expert's rows to a multiple of this (:func:`aligned_layout`); None: 128 when the
     GEMMs run Hopper kernels that want it — FP8's (:func:`dsv3_jax.fp8.aligned_groups`) or BF16's (``impl`` mgpu,
-    or auto with ``DSV3_BF16_GEMM=mgpu`` on a GPU: :func:`dsv3_jax.kernels.grouped_matmul.wants_aligned_rows`) —
+    or auto on a GPU unless ``DSV3_BF16_GEMM=tokamax``: :func:`dsv3_jax.kernels.grouped_matmul.wants_aligned_rows`) —
     and there are at least ``ALIGN_MIN_ROWS_PER_EXPERT`` rows per expert (training batches; decode stays
     unpadded), else 0.
     """
