@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 timeout 100 python3 bench/kernels.py --only bf16_mgpu --iters 10 --json "$OUT/kernels_bf16.json" 2>&1 \
   | grep -v -E "$F" | tee "$OUT/kernels_bf16.log" | grep -E "^BF16|^device|Error" | tail -40
-run train_L${LAYERS}_bf16 --layers "$LAYERS"
+DSV3_BF16_GEMM=tokamax run train_L${LAYERS}_bf16 --layers "$LAYERS"  # the tokamax path
 run train_L${LAYERS}_bf16_mgpu --layers "$LAYERS" model.moe_impl=mgpu
 if [ -f bench/peers/hf_peer_train.py ]; then
   timeout 100 python3 bench/peers/hf_peer_train.py "$LAYERS" 4096 2 2>&1 | tee "$OUT/hf_peer.log" | tail -4
