@@ -11,8 +11,8 @@ import numpy as np
 import train as train_py
 from dsv3_jax import convert
 from dsv3_jax.config import load_config
-from dsv3_jax.training import optim
 from dsv3_jax.training.checkpoint import Checkpointer
+from dsv3_jax.training.schedule import Schedule
 from dsv3_jax.training.step import init_state
 from tests.test_chat_data import tok  # noqa: F401  (the module-scoped tokenizer fixture with the V3.1 markers)
 from tests.test_docs import FAST_TRAIN
@@ -60,5 +60,6 @@ def test_671b_sft_config_follows_the_recipe():
     t = cfg.train
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     np.testing.assert_allclose(t.lr_decay_tokens, t.steps * tokens_per_step, rtol=0.01)
-    assert optim.learning_rate(t, 0, 0) == 5e-6
-    np.testing.assert_allclose(optim.learning_rate(t, t.steps, t.steps * tokens_per_step), 1e-6, rtol=1e-2)
+    sched = Schedule(cfg)
+    assert sched.at(0, 0).lr == 5e-6
+    np.testing.assert_allclose(sched.at(t.steps * tokens_per_step, t.steps).lr, 1e-6, rtol=1e-2)
