@@ -448,14 +448,17 @@ def test_damaged_checkpoint_falls_back_and_ends_bit_identical(tmp_path, capsys):
         f.write(np.random.default_rng(0).bytes(4096))
     target = _largest_data_file(ck / "6", "opt")
     target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])  # truncated
-    with pytest.raises(CheckpointDamaged, match=r"checkpoints/8.*does not match its checksums \(array"):
+    # Garbage in a compressed chunk is caught by the reader itself ("cannot be read"), elsewhere by the checksums:
+    # where the 4 KB land depends on the layout Orbax wrote, and either way the step is refused by name.
+    with pytest.raises(CheckpointDamaged, match=r"checkpoints/8.*(does not match its checksums \(array|cannot be read)"):
         restore_params(run, step=8)  # an explicit step: refused, naming it
     with pytest.raises(CheckpointDamaged, match=r"checkpoints/6 cannot be read .*truncated"):
         Checkpointer(ck).restore(init_state(cfg), step=6)
     capsys.readouterr()
     assert train(cfg, *data_fns(cfg)).step == 8
     err = capsys.readouterr().err
-    assert re.search(r"checkpoint \S+/checkpoints/8: the data in \S+/checkpoints/8/variables does not match", err)
+    assert re.search(r"checkpoint \S+/checkpoints/8(: the data in \S+/checkpoints/8/variables does not match| cannot be read)",
+                     err), err
     assert re.search(r"checkpoint \S+/checkpoints/6 cannot be read", err), err
     assert re.search(r"resuming from the newest intact checkpoint \S+/checkpoints/4", err), err
     assert sorted(p.name for p in (run / "checkpoints.damaged").iterdir()) == ["6", "8"]
