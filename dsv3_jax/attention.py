@@ -211,6 +211,10 @@ def causal_naive(c: ModelConfig, q_nope, q_rope, c_kv, k_rope, kv_b: Linear, sca
     where available). q_nope [B,T,H,n], q_rope [B,T,H,r], c_kv [B,T,c], k_rope [B,T,r] → [B,T,H,v].
     ``k_start`` [B, T]: each query's first visible key (packed samples), None = 0."""
     n, r = c.qk_nope_head_dim, c.qk_rope_head_dim
+    # Every query sees the whole sequence's keys: where the queries' positions are split (context parallelism),
+    # the small latent is gathered and up-projected, not the H-times-wider keys and values.
+    c_kv = logical(c_kv, ("activation_batch", "activation_kv_length", None))
+    k_rope = logical(k_rope, ("activation_batch", "activation_kv_length", None))
     kv = kv_b(c_kv)  # [B, T, H, n + v]
     k = jnp.concatenate([kv[..., :n], jnp.broadcast_to(k_rope[:, :, None], (*kv.shape[:3], r))], -1)
     return causal_attention(jnp.concatenate([q_nope, q_rope], -1), k, kv[..., n:], scale, c.attention_impl,

@@ -15,7 +15,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import Transformer
 from sharding.expert import expert_parallel
 from sharding.pipeline import pipeline_parallel
-from sharding.rules import BATCH_AXES, LOGICAL_RULES, batch_spec
+from sharding.rules import BATCH_AXES, LOGICAL_RULES, batch_spec, token_axes
 
 
 def logical_specs(cfg: ModelConfig) -> dict:
@@ -25,12 +25,24 @@ def logical_specs(cfg: ModelConfig) -> dict:
     return nn.get_partition_spec(boxed)
 
 
+STACK_MODULE = "moe_layers"  # the MoE layer stack (model.py's BlockStack): pipelined over `pipeline`
+
+
 def variable_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
     """NamedSharding per variable leaf ({'params', 'router'}) from the rules table, fitted to the leaf shapes."""
     tokens = jax.ShapeDtypeStruct((1, 1), jax.numpy.int32)
     boxed = jax.eval_shape(lambda t: Transformer(cfg).init(jax.random.key(0), t), tokens)
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, LOGICAL_RULES)
-    return jax.tree.map(lambda s, v: fit_sharding(s, v.shape), shardings, nn.unbox(boxed))
+
+    def leaf(path, s, v):
+        s = fit_sharding(s, v.shape)
+        # Outside the pipelined stack every stage works on 1/S of the tokens (sharding/rules.py), so those
+        # weights are split over `pipeline` too (FSDP on that axis: gathered where used, grads reduce-scattered)
+        # instead of a full copy, grads and moments on every stage.
+        if not any(getattr(k, "key", None) == STACK_MODULE for k in path):
+            s = zero1_sharding(s, v.shape, "pipeline")
+        return s
+    return jax.tree_util.tree_map_with_path(leaf, shardings, nn.unbox(boxed))
 
 
 def fit_sharding(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
@@ -114,12 +126,12 @@ def token_parallel(mesh: Mesh):
     Hopper kernels then see per-device shapes (fp8.token_map_override). Each device's rows are a contiguous run of
     the global rows, so when that run is a multiple of 128 rows the 128-token Wgrad tiles are the global ones and
     only the sum over devices is reassociated; otherwise (or with one batch shard) ``f`` runs on the global array."""
-    shards = math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
-
     def run(f, x, w):
+        axes = token_axes() or BATCH_AXES  # outside the pipelined stack `pipeline` splits the tokens too
+        shards = math.prod(mesh.shape.get(a, 1) for a in axes)
         if shards == 1 or x.shape[0] % shards or (x.shape[0] // shards) % fp8.BLOCK:
             return f(x, w)
-        rows = P(BATCH_AXES, None)
+        rows = P(axes, None)
         return jax.shard_map(f, mesh=mesh, in_specs=(rows, P()), out_specs=rows, check_vma=False)(x, w)
     return run
 

@@ -48,8 +48,17 @@ transposes the finished forward scan, so no backward starts before every forward
 that owns its backward — a ``custom_vjp`` over the whole step, or a scan whose body calls ``jax.vjp`` per stage and
 holds the head on the last stage.
 
-Embedding, dense layers, head and MTP run outside the pipeline, replicated over ``pipeline`` (each stage
-computes them for the whole batch): simple and exact; the cost is the non-MoE share of the step × (S − 1)/S.
+Embedding, dense layers, head and MTP run outside the pipeline, split over ``pipeline`` by sequence position
+(sharding/rules.py: ``activation_length`` → ``pipeline``): each stage computes 1/S of every sequence's tokens
+there, and their attention gathers the small compressed key/value latent (``activation_kv_length``) of the whole
+sequence. Their weights are split over ``pipeline`` as well (sharding/partition.py: FSDP on that axis, gathered
+where used). The stack needs whole sequences: this function gathers its input over ``pipeline`` (one all-gather
+of the micro-step's activations) and traces the stages under ``STAGE_RULES``; its output is sliced back. Before,
+every stage computed those parts for the whole batch: at 671B on PP16 that was 16× the MTP layer's expert-dispatch
+buffers (79 GB) and the dense layers' weights, grads and moments on every stage (25 GB). The price is the
+weights' all-gathers and grad reduce-scatters on ``pipeline`` each micro-step (``python -m sharding.plan`` prints
+them); placing those layers on the first and last stage instead (DeepSeek's layout) needs stage-specific
+programs, which the vmapped stages here cannot express.
 """
 
 from __future__ import annotations
@@ -65,9 +74,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dsv3_jax import fp8
 from dsv3_jax.block import REMAT_POLICIES, Block, apply_block, moe_stack_override
 from dsv3_jax.config import ModelConfig
-from sharding.rules import BATCH_AXES, LOGICAL_RULES
+from sharding.rules import BATCH_AXES, LOGICAL_RULES, STAGE_RULES
 
 SCHEDULES = ("gpipe", "circular")
 # Re-lay the stack with explicit all_to_alls from this many stages on (XLA's all-gather is cheaper below).
@@ -176,7 +186,7 @@ def pipeline_stack(mesh: Mesh, microbatches: int, schedule: str, virtual_stages:
                          f" a micro-batch re-enters stage 0 M iterations after it first did")
     mb = B // M
 
-    def relayout(a, sharding):  # [L, ...] → [S, V, K, ...]: stage s, repeat r holds chunk r·S + s
+    def relayout_array(a, sharding):  # [L, ...] → [S, V, K, ...]: stage s, repeat r holds chunk r·S + s
         explicit = sharding is not None and S >= EXPLICIT_RELAYOUT_MIN_STAGES
         staged = _relayout_explicit(mesh, a, sharding, L, S, V, K) if explicit else None
         if staged is not None:
@@ -186,11 +196,29 @@ def pipeline_stack(mesh: Mesh, microbatches: int, schedule: str, virtual_stages:
             a = a.reshape(V, S, K, *a.shape[1:]).swapaxes(0, 1)
         return _constrain(mesh, a, "pipeline", None, None, *[P.UNCONSTRAINED] * (a.ndim - 3))
 
+    def relayout(a, sharding):
+        if not isinstance(a, fp8.Prequantized):
+            return relayout_array(a, sharding)
+        from sharding.partition import fit_sharding  # lazy: partition imports this module
+
+        # FP8 experts quantised ahead of the scan: w as stored; q_t [..., N, K] has w's spec with the last two
+        # dims swapped; the block scales [..., K/128, N/128] w's spec, fitted to their shape.
+        fit = (lambda spec, shape: None if sharding is None else
+               fit_sharding(NamedSharding(mesh, P(*spec)), shape))
+        spec = list(sharding.spec) + [None] * (a.w.ndim - len(sharding.spec)) if sharding is not None else []
+        swapped = spec[:-2] + spec[-2:][::-1]
+        return fp8.Prequantized(relayout_array(a.w, sharding), relayout_array(a.q_t, fit(swapped, a.q_t.shape)),
+                                relayout_array(a.scale, fit(spec, a.scale.shape)))
+
+    is_weight = lambda a: isinstance(a, fp8.Prequantized)
     free = V == 1 and L % S == 0
-    stored = jax.tree.map(lambda _: None, stacked) if free else _stored_specs(cfg, mesh, stacked)
-    stages = jax.tree.map(relayout, stacked, stored, is_leaf=lambda s: s is None)
-    xs = x.reshape(M, mb, T, d)
-    pos = positions.reshape(M, mb, T)
+    stored = (jax.tree.map(lambda _: None, stacked, is_leaf=is_weight) if free
+              else _stored_specs(cfg, mesh, stacked))
+    stages = jax.tree.map(relayout, stacked, stored, is_leaf=lambda a: a is None or is_weight(a))
+    # Outside the stack `pipeline` splits the sequence (sharding/rules.py): gather whole sequences here (the
+    # micro-batch buffer is on every stage, as stage 0 reads it back M iterations later on the circular schedule).
+    xs = _constrain(mesh, x, BATCH_AXES, None, None).reshape(M, mb, T, d)
+    pos = _constrain(mesh, positions, BATCH_AXES, None).reshape(M, mb, T)
     layer_fn = _layer_fn(cfg)
 
     def stage_fn(w, s, r, h, p):  # one stage, one chunk: K layers of repeat r
@@ -227,7 +255,8 @@ def pipeline_stack(mesh: Mesh, microbatches: int, schedule: str, virtual_stages:
     E = cfg.n_routed_experts
     init = (_constrain(mesh, jnp.zeros((S, mb, T, d), x.dtype), *act_spec), xs,
             jnp.zeros((S, V, K, E), jnp.float32), jnp.zeros((S, V, K), jnp.float32), jnp.zeros((S, V, K), jnp.float32))
-    (_, outputs, load, balance, dropped), _ = jax.lax.scan(step, init, jnp.arange(M * V + S - 1))
+    with nn.logical_axis_rules(STAGE_RULES):  # a stage's layers see whole sequences
+        (_, outputs, load, balance, dropped), _ = jax.lax.scan(step, init, jnp.arange(M * V + S - 1))
 
     def unstage(a):  # [S, V, K, ...] → [L, ...]
         return a.swapaxes(0, 1).reshape(Lp, *a.shape[3:])[:L]

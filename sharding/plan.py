@@ -26,12 +26,15 @@ ceil(58/16) = 4 MoE layers on a PP16 stage — the pipeline code today needs 58 
  - pipeline saved = slots · L_s · tok_pm · d · a, slots = micro-batches whose stage inputs are alive at the
    end of the forward: M + S − 1 for this repo's GPipe scan (autodiff of the scan keeps every iteration's
    residuals, bubble iterations included), S for 1F1B, S + 1 for DualPipe;
- - outside the pipeline (embedding, dense layers, head, MTP run on the whole local batch, replicated over
-   ``pipeline``): (1 + n_dense + 3 + 5·D) · tok · d · a (embedding out, dense inputs, the pipeline's input and
-   output buffers, final hidden, and per MTP module its embedding, hidden, concat (2) and block input);
- - logits: (1 + D + 1) · tok · V · 4 (FP32 main and MTP logits kept for the CE backward + one cotangent);
+ - outside the pipeline (embedding, dense layers, head, MTP; sequence-split over ``pipeline`` when S divides T,
+   sharding/rules.py, so on tok_o = tok/S tokens per device): (1 + n_dense + 3 + 5·D) · tok_o · d · a (embedding
+   out, dense inputs, the pipeline's input and output buffers, final hidden, and per MTP module its embedding,
+   hidden, concat (2) and block input);
+ - logits: (1 + D + 1) · tok_o · V · 4 (FP32 main and MTP logits kept for the CE backward + one cotangent);
  - one layer's working set (live while it is recomputed and differentiated; ×2 for the cotangents) at the
-   token count it runs on (tok_pm for pipelined MoE layers, tok for dense and MTP): attention projections
+   token count it runs on (tok_pm for pipelined MoE layers, tok_o for dense and MTP; these two also hold the
+   whole sequences' keys and values, 2·tok·h·(qk + v)·a, and one layer's weights gathered over ``pipeline`` with
+   its unreduced grads, FP32): attention projections
    (q_lora + h·(2·qk + nope + v + v) + kv_lora + rope + d values/token; flash attention, no T² scores, unless
    ``attention_impl: xla``: + 6·h·T·4 bytes/token, the f32 score buffers of XLA's attention backward, fitted
    to H100 compiles; ``auto`` is planned as flash, i.e. tokamax installed on the GPU), the dense SwiGLU
@@ -55,7 +58,9 @@ ceil(58/16) = 4 MoE layers on a PP16 stage — the pipeline code today needs 58 
  - EP per MoE layer and pipeline iteration (forward, remat recompute, backward): all-gather EP
    (ep−1)·n·(d·(a+4) + 8K) twice + (ep−1)·n·d·(a+4) once; all-to-all (ep−1)/ep·n·K·d·(dispatch + combine
    bytes) three times; × L_s × (M + S − 1) scan iterations (the GPipe scan runs every stage each iteration);
- - pipeline: activation (forward) and its cotangent (backward) of tok_pm·d·a per scan iteration.
+ - pipeline: activation (forward) and its cotangent (backward) of tok_pm·d·a per scan iteration; the stack's
+   input gathered over ``pipeline`` and its cotangent reduce-scattered, per micro-batch; the dense/MTP weights
+   (FSDP over ``pipeline``): FP32 all-gather in forward and recompute, FP32 grad reduce-scatter, per micro-batch.
 
 ``--lower`` also traces and lowers the real train step for ``cuda`` on an ``AbstractMesh`` with
 ``ShapeDtypeStruct`` arguments (no allocation, no GPU needed) and reports the lowered module's FLOPs and
@@ -348,15 +353,28 @@ def memory(cfg: Config, sizes: dict[str, int], rows: list[dict], k: Knobs = Knob
         saved_pipe, saved_outer = slots * per_mb * tok_pm, 0.0
         outer_tok = tok_pm
     else:
+        # sharding/rules.py: outside the stack the sequence is split over `pipeline` (when T divides), so each
+        # device runs the embedding, dense layers, head and MTP on 1/S of its tokens; attention there gathers the
+        # latent and up-projects the whole sequence's keys and values.
+        cp = S if S > 1 and T % S == 0 else 1
         where = ("every device (embedding and LM head split over pipeline by the vocab rule; dense layers and MTP "
-                 "replicated over pipeline)")
+                 f"replicated over pipeline{f', their tokens split {cp} ways over it' if cp > 1 else ''})")
         st = {key: sum(g[key] for g in groups.values()) for key in ("params", "grads", "moments")}
         if k.schedule == "dualpipe":  # two copies of the stage's layers (TR Table 2: parameters 2x)
             st = {key: st[key] + groups["moe"][key] for key in st}
+        outer_tok = tok / cp
         saved_pipe = slots * Ls * tok_pm * per_tok
-        saved_outer = outer_units * tok * d * (k.act_cache_bytes or a)
-        outer_tok = tok
-    head_tok = tok_pm if k.head == "chunked" else tok
+        saved_outer = outer_units * outer_tok * d * (k.act_cache_bytes or a)
+    # FSDP over pipeline (partition.py): one layer's weights gathered, and its grads before the reduce-scatter
+    def gathered(group, layers):
+        full = sum(r["device_bytes"] * S for r in rows if r["kind"] == "params" and r["group"] == group
+                   and any("pipeline" in _names(e) for e in r["spec"]))
+        return 2 * full / max(layers, 1) if S > 1 and not k.outer_in_pipeline else 0.0
+
+    # keys and values of the whole local sequences, where the queries' positions are split (and cotangents)
+    kv_full = (2 * tok * m.num_attention_heads * (m.qk_head_dim + m.v_head_dim) * a
+               if not k.outer_in_pipeline and outer_tok < tok else 0.0)
+    head_tok = tok_pm if k.head == "chunked" else outer_tok
     logits = (1 + D + 1) * head_tok * V * 4 if k.head == "full" else 2 * head_tok * V * 4
 
     phases = {
@@ -368,10 +386,12 @@ def memory(cfg: Config, sizes: dict[str, int], rows: list[dict], k: Knobs = Knob
     if m.first_k_dense_replace:
         phases["dense layer backward"] = {"activations (saved)": saved_outer if not k.outer_in_pipeline
                                           else saved_pipe,
-                                          "layer working set": _working_bytes(m, "dense", outer_tok, T)}
+                                          "layer working set": _working_bytes(m, "dense", outer_tok, T) + kv_full
+                                                             + gathered("dense", m.first_k_dense_replace)}
     if D:
         phases["MTP layer backward"] = {"activations (saved)": saved_pipe + saved_outer,
-                                        "layer working set": _working_bytes(m, "moe", outer_tok, T),
+                                        "layer working set": (_working_bytes(m, "moe", outer_tok, T) + kv_full
+                                                              + gathered("mtp", D)),
                                         "EP dispatch buffers": _ep_bytes(m, ep, outer_tok, k.ep, cf)}
     # After the backward: grads (accumulated) + the update's FP32 temporaries (clipped grads, the Adam
     # direction), param-sharded. 2 trees is what XLA allocated for the step on an H100 (bench/results).
@@ -398,6 +418,7 @@ def collectives(cfg: Config, sizes: dict[str, int], rows: list[dict], k: Knobs =
     d, K = m.hidden_size, m.num_experts_per_tok
     S, M, Ls, n_acc = b["stages"], b["pipeline_microbatches"], b["moe_layers_per_stage"], b["accum_steps"]
     iters = (M + S - 1) if S > 1 else 1
+    cp = S if S > 1 and b["seq_len"] % S == 0 else 1  # outside the stack the sequence is split over pipeline
     out: dict[tuple[str, str], float] = {}
 
     def add(axis, what, x):
@@ -420,6 +441,16 @@ def collectives(cfg: Config, sizes: dict[str, int], rows: list[dict], k: Knobs =
             n = sizes[ax]
             add(ax, "grad all-reduce (FP32)" + (" — non-expert weights" if ax == "expert" else ""),
                 2 * (n - 1) / n * X)
+        if S > 1 and r["group"] != "moe":  # outside the stack the stages hold different tokens
+            full = r["device_bytes"] * (S if "pipeline" in spec_axes else 1)
+            if "pipeline" in spec_axes and r["group"] in ("dense", "mtp"):  # FSDP over pipeline (partition.py)
+                add("pipeline", "dense/MTP param all-gather (fwd + recompute, FP32)",
+                    n_acc * 2 * (S - 1) / S * full)
+                add("pipeline", "dense/MTP grad reduce-scatter (FP32)", n_acc * (S - 1) / S * full)
+            elif "pipeline" in spec_axes:  # embedding / head: vocab-split, the tokens' activations move instead
+                pass
+            else:
+                add("pipeline", "grad all-reduce (FP32) — small weights outside the stack", 2 * (S - 1) / S * X)
         if sizes["fsdp"] > 1 and "fsdp" in spec_axes:
             n = sizes["fsdp"]
             full = r["device_bytes"] * n
@@ -440,10 +471,13 @@ def collectives(cfg: Config, sizes: dict[str, int], rows: list[dict], k: Knobs =
             n_acc * iters * Ls * per_layer(b["tokens_per_device_microbatch"]))
         if m.num_nextn_predict_layers:
             add("expert", f"{what}, MTP ({m.num_nextn_predict_layers} layer × {n_acc})",
-                n_acc * m.num_nextn_predict_layers * per_layer(b["tokens_per_device"]))
+                n_acc * m.num_nextn_predict_layers * per_layer(b["tokens_per_device"] / cp))
     if S > 1:
         add("pipeline", f"activations fwd + grads bwd ({iters} iterations × {n_acc})",
             n_acc * iters * 2 * b["tokens_per_device_microbatch"] * d * a)
+        if cp > 1:  # whole sequences gathered into the stack and its cotangent reduce-scattered back
+            add("pipeline", f"stack input all-gather + cotangent reduce-scatter ({n_acc})",
+                n_acc * 2 * (cp - 1) / cp * b["tokens_per_device"] * d * a)
     return [{"axis": ax, "what": w, "bytes": v} for (ax, w), v in out.items()]
 
 

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 from jax.sharding import PartitionSpec
 
-# Axes that split the batch (tokens) for every non-pipelined computation.
+# Axes that split the batch (sequences) everywhere.
 BATCH_AXES = ("data", "fsdp", "expert")
+# Outside the pipelined MoE stack (embedding, dense layers, final norm, head, loss, MTP) the sequence is split over
+# ``pipeline`` as well: each stage computes 1/S of those tokens instead of all of them (context parallelism on the
+# pipeline axis; attention gathers the compressed key/value latent, "activation_kv_length" below). Inside the
+# stack a stage needs whole sequences: sharding/pipeline.py traces its stages under STAGE_RULES.
+OUTER_LENGTH_AXES = "pipeline"
 
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # activations
     ("activation_batch", BATCH_AXES),
-    ("activation_length", None),
+    ("activation_length", OUTER_LENGTH_AXES),
+    ("activation_kv_length", None),  # keys/values of attention: every query position sees the whole sequence
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_mlp", "tensor"),
@@ -23,6 +29,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # computes 1/S of the logits) instead of a full copy on every stage; fit_sharding moves the axis to
     # another dim when the vocab does not divide.
     ("activation_vocab", ("pipeline", "tensor")),
+    ("activation_vocab", "tensor"),  # where `pipeline` already splits the sequence (flax takes the first free rule)
     # parameters
     ("vocab", ("pipeline", "tensor")),
     ("embed", "fsdp"),
@@ -40,6 +47,19 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("dense_layers", None),
     ("stage", "pipeline"),
 )
+
+
+# The rules a pipeline stage is traced under: whole sequences on each stage (the stage axis is `pipeline`).
+STAGE_RULES = tuple((name, None if name == "activation_length" else axes) for name, axes in LOGICAL_RULES)
+
+
+def token_axes(rules=None) -> tuple[str, ...]:
+    """Mesh axes that split a flattened [B·T] token dim under ``rules`` (default: the rules in force, so the
+    answer differs inside a pipeline stage): the batch axes, then the length axes (B is the major dim)."""
+    import flax.linen as nn
+
+    spec = nn.logical_to_mesh_axes(("activation_batch", "activation_length"), rules)
+    return tuple(a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry))
 
 
 def batch_spec(ndim: int = 2) -> PartitionSpec:

@@ -215,9 +215,26 @@ def test_train_steps_match_one_device(single_device_run, mesh_kw):
     assert ("data" in flat) == (cfg.mesh.zero1 and mesh.shape["data"] > 1)
 
 
+@pytest.fixture(scope="module")
+def fp8_single_device_run():
+    return _run_steps(_fp8_cfg(), None)
+
+
+def _fp8_cfg(**mesh):  # init std 0.02 as configs/tiny.yaml: tiny_config's 0.2 amplifies FP8 rounding ~30×
+    c = _train_cfg("fp8", **mesh)
+    return dataclasses.replace(c, model=dataclasses.replace(c.model, initializer_range=0.02))
+
+
 @pytest.mark.slow
-def test_fp8_train_steps_on_ep4_dp2_match_one_device():
-    """The FP8 recipe (CPU: the exact emulation) on ep4×dp2 against one device. The forward is the same
+@pytest.mark.parametrize("mesh_kw", [
+    dict(expert=4, data=2),
+    # circular: the stack is re-laid into stage order inside the step, the experts' prequantised FP8 blocks
+    # (fp8.Prequantized) with it; the dense layer, head and MTP run sequence-split over the two stages
+    dict(pipeline=2, expert=2, data=2, pipeline_schedule="circular", pipeline_virtual_stages=2,
+         pipeline_microbatches=2),
+], ids=["ep4-dp2", "pp2-v2-ep2-dp2"])
+def test_fp8_train_steps_on_a_mesh_match_one_device(fp8_single_device_run, mesh_kw):
+    """The FP8 recipe (CPU: the exact emulation) on a mesh against one device. The forward is the same
     arithmetic (1×128 token tiles and 128×128 weight blocks do not depend on where a token lives), so the first
     loss is equal to float32 reassociation. The experts' Wgrad quantises the gradient in 128-token column tiles
     of each expert's rows, and an expert shard holds its rows in a different order (blocks by source device), so
@@ -225,12 +242,8 @@ def test_fp8_train_steps_on_ep4_dp2_match_one_device():
     which Adam can turn into a different sign of a small gradient's step, i.e. up to 2·lr = 2e-3 on a parameter
     after 3 steps (the bound on params); the losses after it move by < 1e-3 relative (measured with train.py on
     configs/tiny.yaml, 10 steps: 2.6e-4). A wrong gradient term moves the loss by far more."""
-    def cfg_of(**mesh):  # init std 0.02 as configs/tiny.yaml: tiny_config's 0.2 amplifies FP8 rounding ~30×
-        c = _train_cfg("fp8", **mesh)
-        return dataclasses.replace(c, model=dataclasses.replace(c.model, initializer_range=0.02))
-
-    ref_state, ref_losses = _run_steps(cfg_of(), None)
-    cfg = cfg_of(expert=4, data=2)
+    ref_state, ref_losses = fp8_single_device_run
+    cfg = _fp8_cfg(**mesh_kw)
     state, losses = _run_steps(cfg, make_mesh(cfg.mesh))
     assert losses[0] == pytest.approx(ref_losses[0], rel=1e-6)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-3)
