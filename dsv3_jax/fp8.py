@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from dsv3_jax import tokens
 from dsv3_jax.kernels import fp8_gemm_mgpu as mgpu
 from dsv3_jax.kernels import fp8_quant, grouped_matmul
 from dsv3_jax.kernels._backend import on_gpu
@@ -488,6 +489,9 @@ def fp8_dot(x: jax.Array, w: jax.Array | Quantized, in_dims: int = 1, pow2: bool
     """
     lead, out_shape = x.shape[: x.ndim - in_dims], w.shape[in_dims:]
     x2, K, N = _flatten(x, w.shape, in_dims)
+    if len(lead) == 2 and not isinstance(w, Quantized):  # [B, T] tokens: rows in the parallel layout's order
+        y = fp8_matmul(tokens.flatten(x.reshape(*lead, K)), w.reshape(K, N), pow2, out_dtype)
+        return tokens.unflatten(y, *lead).reshape(*lead, *out_shape)
     if isinstance(w, Quantized):
         xq = quantize(x2, TILE, pow2)
         y = chunked_dot(xq.q, xq.scale, w.q.reshape(K, N), _cols(w.scale, N), True, out_dtype or x.dtype,

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax import fp8
+from dsv3_jax import fp8, tokens
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kernels import grouped_matmul
 from dsv3_jax.kernels._backend import on_gpu
@@ -308,7 +308,7 @@ class MoE(nn.Module):
         fp8_pow2 = c.fp8_pow2_scales if c.fp8 else None
         master = [w.w if isinstance(w, fp8.Prequantized) else w for w in ws]  # for paths other than ragged
 
-        xf = x.reshape(B * T, d)
+        xf = tokens.flatten(x)  # [B·T, d], rows in the parallel layout's order (dsv3_jax/tokens.py)
         logits = jnp.dot(xf.astype(jnp.float32), gate_w.astype(jnp.float32))  # gate in f32 (REFERENCE §12)
         r = route(logits, bias, c)
         dropped = jnp.zeros((), jnp.float32)  # routed copies dropped for capacity (expert parallelism only)
@@ -323,10 +323,10 @@ class MoE(nn.Module):
         else:
             y = dispatch_ragged(xf, r, w_gate, w_up, w_down, "auto" if c.moe_impl == "ragged" else c.moe_impl,
                                 fp8_pow2=fp8_pow2)
-        y = y.reshape(B, T, d)
+        y = tokens.unflatten(y, B, T)
         if c.n_shared_experts:
             y = y + MLP(c, F * c.n_shared_experts, name="shared_experts")(x)
         aux = {"load": expert_load(r.experts, E),
-               "balance": sequence_balance(r.scores.reshape(B, T, E), r.experts.reshape(B, T, -1), c),
+               "balance": sequence_balance(tokens.unflatten(r.scores, B, T), tokens.unflatten(r.experts, B, T), c),
                "dropped": dropped}
         return logical(y, ("activation_batch", "activation_length", "activation_embed")), aux

@@ -7,10 +7,11 @@ import math
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dsv3_jax import fp8
+from dsv3_jax import fp8, tokens
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import Transformer
 from sharding.expert import expert_parallel
@@ -136,6 +137,32 @@ def token_parallel(mesh: Mesh):
     return run
 
 
+def sequence_split_layout(mesh: Mesh) -> tuple:
+    """(flatten, unflatten) for dsv3_jax/tokens.py: where the rules in force split the sequence over P devices
+    (outside the pipelined stack), rows are ordered [P, B, T/P] so each device's tokens are one contiguous block
+    of rows, split over ``token_axes()`` (length axes first); elsewhere a plain reshape."""
+    def split(T: int) -> int:
+        spec = nn.logical_to_mesh_axes(("activation_length",))[0]
+        names = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+        P_ = math.prod(mesh.shape.get(a, 1) for a in names)
+        return P_ if P_ > 1 and T % P_ == 0 else 1
+
+    def flatten(x):
+        B, T, rest = x.shape[0], x.shape[1], x.shape[2:]
+        Ps = split(T)
+        if Ps == 1:
+            return x.reshape(B * T, *rest)
+        x = jnp.swapaxes(x.reshape(B, Ps, T // Ps, *rest), 0, 1)  # local: each device keeps its [b, t] block
+        return x.reshape(B * T, *rest)
+
+    def unflatten(y, B, T):
+        Ps, rest = split(T), y.shape[1:]
+        if Ps == 1:
+            return y.reshape(B, T, *rest)
+        return jnp.swapaxes(y.reshape(Ps, B, T // Ps, *rest), 0, 1).reshape(B, T, *rest)
+    return flatten, unflatten
+
+
 @contextlib.contextmanager
 def parallel_context(mesh: Mesh, pipeline_microbatches: int = 0, pipeline_schedule: str = "gpipe",
                      pipeline_virtual_stages: int = 1, expert_capacity_factor: float = 0.0):
@@ -144,6 +171,6 @@ def parallel_context(mesh: Mesh, pipeline_microbatches: int = 0, pipeline_schedu
     and the MoE stack runs through the pipeline (sharding/pipeline.py)."""
     use = jax.set_mesh if isinstance(mesh, Mesh) else jax.sharding.use_abstract_mesh  # abstract: plans
     with (use(mesh), nn.logical_axis_rules(LOGICAL_RULES), expert_parallel(mesh, expert_capacity_factor),
-          fp8.token_map_override(token_parallel(mesh)),
+          fp8.token_map_override(token_parallel(mesh)), tokens.layout_override(*sequence_split_layout(mesh)),
           pipeline_parallel(mesh, pipeline_microbatches, pipeline_schedule, pipeline_virtual_stages)):
         yield

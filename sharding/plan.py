@@ -483,10 +483,15 @@ def collectives(cfg: Config, sizes: dict[str, int], rows: list[dict], k: Knobs =
 
 LADDER = (
     ("this repo today", {}),
-    ("+ embed/dense on first stage, head/MTP on last, chunked CE", {"outer_in_pipeline": True, "head": "chunked"}),
-    ("+ 1F1B in-flight micro-batches (S)", {"schedule": "1f1b"}),
     ("+ one grad buffer, update in place per layer", {"grad_buffers": 1, "update_temps": 0.0}),
     ("+ FP8 cached block inputs", {"act_cache_bytes": 1}),
+    ("+ 1F1B in-flight micro-batches (S)", {"schedule": "1f1b"}),
+)
+# Not cumulative: DeepSeek's placement instead of this repo's sequence split of the outer layers over `pipeline`
+# (no dense/MTP weight traffic on that axis, but the end stages hold those layers whole).
+ALTERNATIVES = (
+    ("instead: embed/dense on first stage, head/MTP on last, chunked",
+     {"outer_in_pipeline": True, "head": "chunked"}),
 )
 
 
@@ -554,6 +559,12 @@ def plan(cfg: Config, mesh_sizes: dict[str, int] | str | None = None, *, gpu_mem
             mm = memory(cfg, sizes, rows, k)
             steps.append({"label": label, "total": mm["total"], "fits": mm["total"] <= budget,
                           "peak_phase": mm["peak_phase"], "terms": mm["terms"], "knobs": dataclasses.asdict(k),
+                          "max_tokens_per_microbatch": _max_tokens(mm, budget, b)})
+        for label, change in ALTERNATIVES:
+            mm = memory(cfg, sizes, rows, Knobs(**change))
+            steps.append({"label": label, "total": mm["total"], "fits": mm["total"] <= budget,
+                          "peak_phase": mm["peak_phase"], "terms": mm["terms"],
+                          "knobs": dataclasses.asdict(Knobs(**change)),
                           "max_tokens_per_microbatch": _max_tokens(mm, budget, b)})
         rk = report_recipe(cfg.model)
         mm = memory(cfg, sizes, rows, rk)
@@ -739,7 +750,7 @@ def format_plan(p: dict[str, Any]) -> str:
     L += [f"  dominant term: {biggest} ({mem['terms'][biggest] / _UNIT[0]:.2f} {U})"]
     L += [f"  phases ({U}): " + "; ".join(f"{n} {v['total'] / _UNIT[0]:.1f}" for n, v in mem["phases"].items())]
     if "ladder" in p:
-        L += ["", "What else would help (cumulative what-ifs, analytic; only the first row is implemented):",
+        L += ["", "What else would help (what-ifs, analytic; only the first row is implemented; the next rows add up):",
               f"  {'step':<60}{'total ' + U:>9}  {'verdict':<13}{'fits up to':>11}  largest term"]
         for s in p["ladder"]:
             big = max(s["terms"], key=s["terms"].get)

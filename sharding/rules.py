@@ -54,11 +54,12 @@ STAGE_RULES = tuple((name, None if name == "activation_length" else axes) for na
 
 
 def token_axes(rules=None) -> tuple[str, ...]:
-    """Mesh axes that split a flattened [B·T] token dim under ``rules`` (default: the rules in force, so the
-    answer differs inside a pipeline stage): the batch axes, then the length axes (B is the major dim)."""
+    """Mesh axes that split flattened token rows (dsv3_jax/tokens.py) under ``rules`` (default: the rules in
+    force, so the answer differs inside a pipeline stage): the length axes, then the batch axes — where the
+    sequence is split, rows are ordered [P, B, T/P] (sharding/partition.py: sequence_split_layout)."""
     import flax.linen as nn
 
-    spec = nn.logical_to_mesh_axes(("activation_batch", "activation_length"), rules)
+    spec = nn.logical_to_mesh_axes(("activation_length", "activation_batch"), rules)
     return tuple(a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry))
 
 
