@@ -130,9 +130,9 @@ def _worker(args) -> int:
     def run(v: Variant) -> dict:
         op, shape, rname, tn, tk, steps, gpi, use_live = v
         x, dy, w, sizes, live, refs, flops, ref_cache = setup(shape, rname)
-        kw = dict(tile_n=tn, tile_k=tk, max_concurrent_steps=steps, interpret=interpret)
+        kw = {"tile_n": tn, "tile_k": tk, "max_concurrent_steps": steps, "interpret": interpret}
         if op == "wgrad":
-            fn = lambda a, b, s, ls: bg.kgrouped_matmul(a, b, s, groups_per_item=gpi,  # noqa: E731
+            fn = lambda a, b, s, ls: bg.kgrouped_matmul(a, b, s, groups_per_item=gpi,
                                                         live_sizes=ls if use_live else None, **kw)
             ops = (x, dy, sizes, live)
         elif op == "fwd":

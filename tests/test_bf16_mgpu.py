@@ -72,8 +72,9 @@ def test_kgrouped_kernel_equals_ragged_dot_general(acc_in_place):
 
 @pytest.mark.parametrize("tile_n,tile_k,steps,groups_per_item", [(64, 128, 3, 2), (128, 64, 4, 3)])
 def test_kgrouped_schedules_equal_ragged_dot_general(tile_n, tile_k, steps, groups_per_item):
-    """The Wgrad's per-chunk schedules (bf16_gemm_mgpu.chunk_table: a dynamic-length pipeline over one, two or all
-    three groups' slabs; one group each: the live-rows test) at 64- and 128-token steps, against XLA; the empty group comes out zero."""
+    """The Wgrad's per-chunk schedules (bf16_gemm_mgpu.chunk_table: a dynamic-length pipeline over two or all three
+    groups' slabs; one group each: the live-rows test) at 64- and 128-token steps, against XLA; the empty group
+    comes out zero."""
     sizes = jnp.array(SIZES, jnp.int32)
     x, dy = _rows(64, 3), _rows(96, 4)
     ref = jax.lax.ragged_dot_general(x, dy, sizes, _WGRAD_DN, preferred_element_type=jnp.float32)
