@@ -18,7 +18,7 @@ import pytest
 from dsv3_jax import moe
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kernels import bf16_gemm_mgpu as bg
-from dsv3_jax.kernels.grouped_matmul import grouped_matmul
+from dsv3_jax.kernels.grouped_matmul import grouped_matmul, kernel_tiling
 
 SIZES = (128, 0, 256)  # an empty group; 3 of 4 row tiles used, the last is the static bound's padding
 ROWS = 512
@@ -132,9 +132,25 @@ def test_bad_shapes_raise():
                            jnp.array([128]), live_sizes=jnp.array([100]), interpret=True)
 
 
-def test_mgpu_custom_vjp_equals_xla():
+def test_kernel_tiling_from_env(monkeypatch):
+    monkeypatch.delenv("DSV3_BF16_WGRAD", raising=False)
+    assert kernel_tiling("wgrad", 1024) == {"tile_n": 128, "tile_k": 64, "max_concurrent_steps": 3,
+                                            "groups_per_item": 0}
+    monkeypatch.setenv("DSV3_BF16_WGRAD", "tile_n=64, steps=4,gpi=1")
+    assert kernel_tiling("wgrad", 1024) == {"tile_n": 64, "tile_k": 64, "max_concurrent_steps": 4,
+                                            "groups_per_item": 1}
+    monkeypatch.setenv("DSV3_BF16_FWD", "gpi=1")  # the forward has no group chunks
+    with pytest.raises(ValueError, match="DSV3_BF16_FWD"):
+        kernel_tiling("fwd", 1024)
+
+
+def test_mgpu_custom_vjp_equals_xla(monkeypatch):
     """grouped_matmul(impl='mgpu', aligned) forward and both gradients against impl='xla' (XLA's ragged_dot and its
-    transposes) in BF16: FP32 accumulation rounded once to BF16 on both sides → ≤ 1 BF16 ulp of the max."""
+    transposes) in BF16: FP32 accumulation rounded once to BF16 on both sides → ≤ 1 BF16 ulp of the max. The
+    Dgrad and Wgrad take tilings from the environment (128-deep steps; the per-group Wgrad schedule): the kernels'
+    defaults are tested above and in the MoE test below."""
+    monkeypatch.setenv("DSV3_BF16_DGRAD", "tile_k=128")
+    monkeypatch.setenv("DSV3_BF16_WGRAD", "gpi=1,steps=2")
     sizes = jnp.array(SIZES, jnp.int32)
     x, w, ct = _rows(64, 5), _randn((3, 64, 128), 6, jnp.float32) * 0.1, _rows(128, 7)
 

@@ -6,7 +6,7 @@
 - ``tokamax``: tokamax's Mosaic-GPU ``ragged_dot`` (jax.lax.ragged_dot is ~7 TFLOP/s on H100, ../shared/GPU.md);
 - ``xla``: ``jax.lax.ragged_dot``;
 - ``mgpu``: this project's Hopper BF16 kernels (:mod:`.bf16_gemm_mgpu`: forward, Dgrad and k-grouped Wgrad under
-  one custom VJP), only on rows in 128-aligned groups (``aligned``, :func:`dsv3_jax.moe.aligned_layout`);
+  one custom VJP; tiling by :func:`kernel_tiling`), only on rows in 128-aligned groups (``aligned``, :func:`dsv3_jax.moe.aligned_layout`);
   unaligned calls take ``auto``. Off the GPU they run in Mosaic GPU's interpreter (slow: tests only);
 - ``auto``: ``mgpu`` on a GPU when the rows are aligned (unless ``DSV3_BF16_GEMM=tokamax``), else tokamax on a GPU
   with tokamax installed, else xla. Measured at the bench config (13 layers, H200, sixth session): the BF16 step
@@ -49,10 +49,33 @@ def _tile_n(n: int) -> int:
     return 128 if n > 128 else 64
 
 
+# kernel keyword of each DSV3_BF16_{FWD,DGRAD,WGRAD} key (bench/bf16_wgrad_sweep.py names its variants the same way)
+_TILING_KEYS = {"tile_n": "tile_n", "tile_k": "tile_k", "steps": "max_concurrent_steps", "gpi": "groups_per_item"}
+
+
+def kernel_tiling(op: str, n: int) -> dict[str, int]:
+    """Tiling keywords of the ``mgpu`` kernel for ``op`` (fwd, dgrad or wgrad) with N = ``n`` output columns:
+    defaults (tile_n by :func:`_tile_n`, 64-deep K steps, 3 in flight, the Wgrad's all-tokens schedule), each
+    overridable from ``DSV3_BF16_<OP>`` = comma-separated ``key=value`` with keys tile_n, tile_k, steps and (wgrad)
+    gpi, e.g. ``DSV3_BF16_WGRAD=tile_n=64,steps=4,gpi=1`` — read at trace time, so a sweep's winner can be tried in
+    the training step (bench/train.py) before it becomes the default."""
+    kw = {"tile_n": _tile_n(n), "tile_k": bf16_gemm_mgpu.TILE_K, "max_concurrent_steps": 3}
+    if op == "wgrad":
+        kw["groups_per_item"] = 0
+    var = f"DSV3_BF16_{op.upper()}"
+    for item in filter(None, os.environ.get(var, "").replace(" ", "").split(",")):
+        key, _, value = item.partition("=")
+        if _TILING_KEYS.get(key) not in kw or not value.isdigit():
+            raise ValueError(f"{var}={os.environ[var]!r}: expected key=value items with keys "
+                             f"{[k for k, v in _TILING_KEYS.items() if v in kw]} and integer values")
+        kw[_TILING_KEYS[key]] = int(value)
+    return kw
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _mgpu_grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, interpret: bool) -> jax.Array:
     """x [M, K] (aligned groups) × w [G, K, N] (x's dtype) → [M, N] on the Hopper BF16 kernels."""
-    return bf16_gemm_mgpu.grouped_matmul(x, w, group_sizes, tile_n=_tile_n(w.shape[2]), interpret=interpret)
+    return bf16_gemm_mgpu.grouped_matmul(x, w, group_sizes, interpret=interpret, **kernel_tiling("fwd", w.shape[2]))
 
 
 def _mgpu_grouped_fwd(x, w, group_sizes, interpret):
@@ -63,10 +86,11 @@ def _mgpu_grouped_bwd(interpret, res, dy):
     x, w, group_sizes = res
     dy = dy.astype(x.dtype)
     # Dgrad: dy [M, N] · w[g]ᵀ, w read as stored ([G, K, N] is the transposed operand's [G, out, contraction])
-    dx = bf16_gemm_mgpu.grouped_matmul(dy, w, group_sizes, transpose_b=True, tile_n=_tile_n(w.shape[1]),
-                                       interpret=interpret)
+    dx = bf16_gemm_mgpu.grouped_matmul(dy, w, group_sizes, transpose_b=True, interpret=interpret,
+                                       **kernel_tiling("dgrad", w.shape[1]))
     # Wgrad: per expert x[rows]ᵀ · dy[rows], both token-major as they are
-    dw = bf16_gemm_mgpu.kgrouped_matmul(x, dy, group_sizes, w.dtype, tile_n=_tile_n(w.shape[2]), interpret=interpret)
+    dw = bf16_gemm_mgpu.kgrouped_matmul(x, dy, group_sizes, w.dtype, interpret=interpret,
+                                        **kernel_tiling("wgrad", w.shape[2]))
     return dx, dw, None
 
 
