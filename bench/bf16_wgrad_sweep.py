@@ -6,7 +6,7 @@ routing (768 rows per expert, the bench table's) and on skewed routing (experts'
 each padded to 128 rows: with ``live`` the Wgrad skips the padding's whole slabs); then forward and Dgrad at
 64- and 128-deep K steps.
 
-    python bench/bf16_wgrad_sweep.py [--json OUT.json] [--budget 210] [--only wgrad] [--quick]
+    python bench/bf16_wgrad_sweep.py [--json OUT.json] [--budget 210] [--only wgrad] [--quick] [--lower-only]
 
 Shapes: C = 8192 tokens × 6 = 49,152 token copies over E = 64 experts inside the aligned layout's static bound of
 P = 57,344 rows; gate/up [P, 2048]·[64, 2048, 1024] (Wgrad [P, 2048]ᵀ·[P, 1024] per expert), down
@@ -17,7 +17,9 @@ Robust and bounded: every variant runs in a worker process that appends its row 
 that fails to compile gets an error row and the worker goes on; one that fails at run time (which can leave the
 CUDA context unusable) or stalls past ``--stall`` seconds gets an error row and a fresh worker takes the next
 variant. Variants not started within ``--budget`` seconds get a "skipped" row. On CPU it runs tiny shapes in
-Mosaic GPU's interpreter (``--quick`` is implied: a smoke test of the script).
+Mosaic GPU's interpreter (``--quick`` is implied: a smoke test of the script); ``--lower-only`` lowers every
+variant at the bench shapes for CUDA instead (no GPU needed: Pallas → Mosaic GPU with its shared-memory check),
+so variants that cannot compile are known before the device call.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def _worker(args) -> int:
     from dsv3_jax.kernels._backend import on_gpu
 
     interpret = not on_gpu()
-    quick = args.quick or interpret
+    quick = (args.quick or interpret) and not args.lower_only
     vs = variants(set(args.only), quick)
     T, d, f, E, k = (8192, 2048, 1024, 64, 6) if not quick else (128, 128, 128, 4, 2)
     C = T * k
@@ -127,18 +129,38 @@ def _worker(args) -> int:
         data[(shape, rname)] = (x, dy, w, sizes, live, refs, 2 * C * K * N, {})
         return data[(shape, rname)]
 
-    def run(v: Variant) -> dict:
-        op, shape, rname, tn, tk, steps, gpi, use_live = v
-        x, dy, w, sizes, live, refs, flops, ref_cache = setup(shape, rname)
-        kw = {"tile_n": tn, "tile_k": tk, "max_concurrent_steps": steps, "interpret": interpret}
+    def kernel(v: Variant):
+        op, _, _, tn, tk, steps, gpi, use_live = v
+        kw = {"tile_n": tn, "tile_k": tk, "max_concurrent_steps": steps,
+              "interpret": interpret and not args.lower_only}
         if op == "wgrad":
-            fn = lambda a, b, s, ls: bg.kgrouped_matmul(a, b, s, groups_per_item=gpi,
-                                                        live_sizes=ls if use_live else None, **kw)
-            ops = (x, dy, sizes, live)
-        elif op == "fwd":
-            fn, ops = (lambda a, b, s: bg.grouped_matmul(a, b, s, **kw)), (x, w, sizes)
-        else:
-            fn, ops = (lambda g, b, s: bg.grouped_matmul(g, b, s, transpose_b=True, **kw)), (dy, w, sizes)
+            return lambda a, b, w, s, ls: bg.kgrouped_matmul(a, b, s, groups_per_item=gpi,
+                                                             live_sizes=ls if use_live else None, **kw)
+        if op == "fwd":
+            return lambda a, b, w, s, ls: bg.grouped_matmul(a, w, s, **kw)
+        return lambda a, b, w, s, ls: bg.grouped_matmul(b, w, s, transpose_b=True, **kw)
+
+    def lower(v: Variant) -> dict:
+        """Lower for CUDA without a GPU (Pallas → Mosaic GPU, shared-memory budget included): finds the variants
+        that cannot compile before the device call."""
+        bg._num_sms = lambda: 132  # H100 SXM's SMs (the grid size; no device to ask)
+        K, N = (d, f) if v[1] == "gate/up" else (f, d)
+        sds, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
+        ops = (sds((P, K), bf16), sds((P, N), bf16), sds((E, K, N), bf16), sds((E,), jnp.int32),
+               sds((E,), jnp.int32))
+        row = {"op": v[0], "shape": v[1], "routing": v[2], "variant": _label(v)}
+        try:
+            jax.jit(kernel(v)).trace(*ops).lower(lowering_platforms=("cuda",))
+        except Exception as e:  # noqa: BLE001 - a row per variant
+            return {**row, "error": f"lower: {type(e).__name__}: {str(e)[:240]}"}
+        return {**row, "lowered": True}
+
+    def run(v: Variant) -> dict:
+        if args.lower_only:
+            return lower(v)
+        op, shape, rname = v[:3]
+        x, dy, w, sizes, live, refs, flops, ref_cache = setup(shape, rname)
+        fn, ops = kernel(v), (x, dy, w, sizes, live)
         row = {"op": op, "shape": shape, "routing": rname, "variant": _label(v)}
         try:
             compiled = jax.jit(fn).lower(*ops).compile()
@@ -187,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--only", action="append", choices=["wgrad", "fwd", "dgrad"], help="ops (repeatable; all)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (implied on CPU)")
+    ap.add_argument("--lower-only", action="store_true",
+                    help="no GPU needed: lower every variant at the bench shapes for CUDA (finds those that cannot "
+                         "compile, e.g. over the shared-memory budget)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--rows", help=argparse.SUPPRESS)
@@ -204,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         start = 0
         while start < len(vs) and time.monotonic() - t0 < a.budget:
             cmd = [sys.executable, __file__, "--worker", "--start", str(start), "--rows", rows_path,
-                   "--iters", str(a.iters), *(f"--only={o}" for o in a.only), *(["--quick"] if a.quick else [])]
+                   "--iters", str(a.iters), *(f"--only={o}" for o in a.only), *(["--quick"] if a.quick else []),
+                   *(["--lower-only"] if a.lower_only else [])]
             proc = subprocess.Popen(cmd)
             last, last_t, why = len(_read(rows_path)), time.monotonic(), None
             while proc.poll() is None:
@@ -245,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             k = (r["op"], r["shape"], r["routing"])
             best[k] = max(best.get(k, 0.0), r["tflops"])
     for r in table:
-        if "tflops" in r:
+        if r.get("lowered"):
+            print(f"{r['op']:6s} {r['shape']:8s} {r['routing']:9s} {r['variant']:24s} lowers for CUDA")
+        elif "tflops" in r:
             mark = "  <- best" if r["tflops"] == best[(r["op"], r["shape"], r["routing"])] else ""
             print(f"{r['op']:6s} {r['shape']:8s} {r['routing']:9s} {r['variant']:24s} {r['ms']:8.3f} "
                   f"{r['tflops']:8.1f}  {r['rel_err']:.1e}{mark}")
