@@ -43,7 +43,7 @@ ROWS, SLAB = 128, 64  # a WGMMA operand tile: 128 rows × 64 BF16 (one 128-byte 
 def row_gather(x: jax.Array, idx: jax.Array, interpret: bool = False) -> jax.Array:
     """``x[idx]`` ([N, K] BF16 rows by idx [M] int32 → [M, K]) through one-row TMAs into swizzled shared memory."""
     plgpu = _mgpu()
-    M, (N, K) = idx.shape[0], x.shape
+    M, K = idx.shape[0], x.shape[1]
     if M % ROWS or K % SLAB or x.dtype != jnp.bfloat16:
         raise ValueError(f"row gather probe: idx [{M}] (a multiple of {ROWS}), x {x.shape} {x.dtype} (BF16, K a "
                          f"multiple of {SLAB})")
