@@ -7,9 +7,11 @@ What Pallas Mosaic GPU offers (jax 0.11.2 and 0.12.1, found by lowering for CUDA
 - a one-row TMA into a tiled (8, 64) + 128-byte-swizzled tile (the layout WGMMA reads) is refused at lowering
   ("slice start and size divisible by the tile size (8)"); loading GMEM rows into registers at a dynamic row
   fails layout inference;
-- a one-row TMA (box [1, 64]) into an *untiled* swizzled buffer [16, 8, 64] lowers. The bytes of that buffer are
-  laid out as the tiled (8, 64) + swizzle-128 tile of [128, 64] iff the TMA unit swizzles by shared-memory address
-  (not by row within the box) — what this probe checks on the GPU.
+- a one-row TMA (box [1, 64]) into an *untiled* swizzled buffer [16, 8, 64] lowers (and into a (1, 64)-tiled one),
+  but WGMMA takes neither as an operand (layout inference fails on ``reshape(128, 64)`` and on the (1, 64) tiling),
+  so a fused gather needs a re-layout through registers per tile. The bytes of that buffer are laid out as the
+  tiled (8, 64) + swizzle-128 tile of [128, 64] iff the TMA unit swizzles by shared-memory address (not by row
+  within the box) — what this probe checks on the GPU, besides the bandwidth.
 
 The kernel gathers ``x[idx]`` ([M, K] BF16, M a multiple of 128, K of 64) with 128 one-row TMAs per [128, 64] tile
 into that buffer and stores the tile back with one [16, 8, 64] TMA (two buffers in flight per CTA, one CTA per SM).

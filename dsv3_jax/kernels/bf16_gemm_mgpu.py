@@ -14,6 +14,16 @@ Rows (tokens) come grouped contiguously in groups whose sizes are multiples of 1
 aligned_layout`): a 128-row CTA tile (grouped) or a 64-token K slab (kgrouped) never straddles two experts.
 CTA tile 128 rows × 2·tile_n columns (each compute warpgroup owns 128 × tile_n), K slab 64 (one 128-byte swizzle
 row of BF16). Hopper (sm_90) only; off the GPU the same kernels run in Mosaic GPU's interpreter (the CPU tests).
+Tiling (tile_n, tile_k, pipeline depth, the Wgrad's group chunks) is explicit in each wrapper; bench/
+bf16_wgrad_sweep.py times every variant at the bench shapes.
+
+Not here: the MoE dispatch gather fused into the forward's prologue (issue 20 item 2). Pallas Mosaic GPU (jax 0.11.2
+and 0.12.1) has no Hopper path to gather rows into a WGMMA operand tile: an array-indexed TMA lowers to
+``tile::gather4`` (Blackwell only); there is no per-thread ``cp.async``; a one-row TMA into the tiled (8, 64) +
+swizzled tile WGMMA reads is refused (row slices must be multiples of the 8-row tile); one-row TMAs do lower into an
+untiled swizzled [16, 8, 64] buffer or a (1, 64)-tiled one, but WGMMA accepts neither (layout inference fails on
+the reshape to [128, 64] and on the (1, 64) tiling). What remains is a re-layout pass through registers per tile;
+bench/mgpu_row_gather_probe.py measures the one-row TMA gather that would feed it.
 """
 
 from __future__ import annotations
