@@ -192,6 +192,27 @@ def _worker(args) -> int:
     return 0
 
 
+def suggestions(vs: list[Variant], table: list[dict]) -> list[str]:
+    """Per op, the variant with the least total time over both shapes on balanced routing, as the environment
+    setting that makes the training step use it (dsv3_jax.kernels.grouped_matmul.kernel_tiling)."""
+    out = []
+    for op in ("fwd", "dgrad", "wgrad"):
+        total: dict[tuple, float] = {}
+        count: dict[tuple, int] = {}
+        for v, r in zip(vs, table):
+            if v[0] == op and v[2] == "balanced" and not v[7] and "ms" in r:
+                key = v[3:7]
+                total[key] = total.get(key, 0.0) + r["ms"]
+                count[key] = count.get(key, 0) + 1
+        full = {k: t for k, t in total.items() if count[k] == 2}
+        if full:
+            tn, tk, steps, gpi = min(full, key=full.get)
+            env = f"tile_n={tn},tile_k={tk},steps={steps}" + (f",gpi={gpi}" if op == "wgrad" else "")
+            ms = full[(tn, tk, steps, gpi)]
+            out.append(f"best {op} (both shapes, balanced): DSV3_BF16_{op.upper()}={env}  ({ms:.3f} ms)")
+    return out
+
+
 def _read(path: str) -> dict[int, dict]:
     rows = {}
     for line in Path(path).read_text().splitlines():
@@ -280,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{r['op']:6s} {r['shape']:8s} {r['routing']:9s} {r['variant']:24s} {'-':>8s} {'-':>8s}  "
                   f"ERROR {r['error']}")
+    for line in suggestions(vs, table):
+        print(line)
     print(f"sweep: {len(rows)}/{len(vs)} variants in {time.monotonic() - t0:.0f} s")
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": table}, indent=1))

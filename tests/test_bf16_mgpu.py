@@ -1,6 +1,7 @@
 """The Hopper BF16 grouped GEMMs (dsv3_jax/kernels/bf16_gemm_mgpu.py, Pallas Mosaic GPU) against XLA's
 ``ragged_dot`` in Mosaic-GPU interpret mode on CPU: forward, the Dgrad that reads the weight transposed in shared
-memory, the k-grouped Wgrad (both accumulation forms; its per-chunk schedules and live-row trimming), the ``mgpu`` custom VJP of ``grouped_matmul``, and MoE's
+memory, the k-grouped Wgrad (both accumulation forms; its per-chunk schedules and live-row trimming), the ``mgpu``
+custom VJP of ``grouped_matmul`` (tilings from the environment), and MoE's
 dispatch on it end to end, on 128-aligned groups with an empty group and trailing padding.
 
 Tolerances: kernel and XLA both multiply exact BF16 products and accumulate in FP32, in different orders, so FP32

@@ -6,7 +6,8 @@
 - ``tokamax``: tokamax's Mosaic-GPU ``ragged_dot`` (jax.lax.ragged_dot is ~7 TFLOP/s on H100, ../shared/GPU.md);
 - ``xla``: ``jax.lax.ragged_dot``;
 - ``mgpu``: this project's Hopper BF16 kernels (:mod:`.bf16_gemm_mgpu`: forward, Dgrad and k-grouped Wgrad under
-  one custom VJP; tiling by :func:`kernel_tiling`), only on rows in 128-aligned groups (``aligned``, :func:`dsv3_jax.moe.aligned_layout`);
+  one custom VJP; tiling by :func:`kernel_tiling`), only on rows in 128-aligned groups (``aligned``,
+  :func:`dsv3_jax.moe.aligned_layout`);
   unaligned calls take ``auto``. Off the GPU they run in Mosaic GPU's interpreter (slow: tests only);
 - ``auto``: ``mgpu`` on a GPU when the rows are aligned (unless ``DSV3_BF16_GEMM=tokamax``), else tokamax on a GPU
   with tokamax installed, else xla. Measured at the bench config (13 layers, H200, sixth session): the BF16 step
