@@ -135,8 +135,10 @@ def test_bad_shapes_raise():
 
 def test_kernel_tiling_from_env(monkeypatch):
     monkeypatch.delenv("DSV3_BF16_WGRAD", raising=False)
-    assert kernel_tiling("wgrad", 1024) == {"tile_n": 128, "tile_k": 64, "max_concurrent_steps": 3,
+    monkeypatch.delenv("DSV3_BF16_FWD", raising=False)
+    assert kernel_tiling("wgrad", 1024) == {"tile_n": 64, "tile_k": 64, "max_concurrent_steps": 3,
                                             "groups_per_item": 0}
+    assert kernel_tiling("fwd", 1024) == {"tile_n": 128, "tile_k": 64, "max_concurrent_steps": 3}
     monkeypatch.setenv("DSV3_BF16_WGRAD", "tile_n=64, steps=4,gpi=1")
     assert kernel_tiling("wgrad", 1024) == {"tile_n": 64, "tile_k": 64, "max_concurrent_steps": 4,
                                             "groups_per_item": 1}

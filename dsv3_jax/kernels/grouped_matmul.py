@@ -56,13 +56,13 @@ _TILING_KEYS = {"tile_n": "tile_n", "tile_k": "tile_k", "steps": "max_concurrent
 
 def kernel_tiling(op: str, n: int) -> dict[str, int]:
     """Tiling keywords of the ``mgpu`` kernel for ``op`` (fwd, dgrad or wgrad) with N = ``n`` output columns:
-    defaults (tile_n by :func:`_tile_n`, 64-deep K steps, 3 in flight, the Wgrad's all-tokens schedule), each
-    overridable from ``DSV3_BF16_<OP>`` = comma-separated ``key=value`` with keys tile_n, tile_k, steps and (wgrad)
-    gpi, e.g. ``DSV3_BF16_WGRAD=tile_n=64,steps=4,gpi=1`` — read at trace time, so a sweep's winner can be tried in
+    defaults (tile_n by :func:`_tile_n`, the Wgrad's 64, 64-deep K steps, 3 in flight, the Wgrad's all-tokens
+    schedule: the best measured so far), each overridable from ``DSV3_BF16_<OP>`` = comma-separated ``key=value``
+    with keys tile_n, tile_k, steps and (wgrad) gpi, e.g. ``DSV3_BF16_WGRAD=tile_n=64,steps=4,gpi=1`` — read at trace time, so a sweep's winner can be tried in
     the training step (bench/train.py) before it becomes the default."""
     kw = {"tile_n": _tile_n(n), "tile_k": bf16_gemm_mgpu.TILE_K, "max_concurrent_steps": 3}
-    if op == "wgrad":
-        kw["groups_per_item"] = 0
+    if op == "wgrad":  # 128 × 128 CTA tiles: 348 TFLOP/s against 236-240 for 128 × 256 (down, H200, BENCHMARKS.md):
+        kw.update(tile_n=64, groups_per_item=0)  # the all-tokens schedule has only as many items as output tiles
     var = f"DSV3_BF16_{op.upper()}"
     for item in filter(None, os.environ.get(var, "").replace(" ", "").split(",")):
         key, _, value = item.partition("=")
