@@ -150,16 +150,16 @@ def test_kernel_tiling_from_env(monkeypatch):
 def test_mgpu_custom_vjp_equals_xla(monkeypatch):
     """grouped_matmul(impl='mgpu', aligned) forward and both gradients against impl='xla' (XLA's ragged_dot and its
     transposes) in BF16: FP32 accumulation rounded once to BF16 on both sides → ≤ 1 BF16 ulp of the max. The
-    Dgrad and Wgrad take tilings from the environment (128-deep steps; the per-group Wgrad schedule): the kernels'
-    defaults are tested above and in the MoE test below."""
+    Dgrad and Wgrad take tilings from the environment (128-deep steps; the per-group Wgrad schedule, given the live
+    rows: x is zero past them): the kernels' defaults are tested above and in the MoE test below."""
     monkeypatch.setenv("DSV3_BF16_DGRAD", "tile_k=128")
     monkeypatch.setenv("DSV3_BF16_WGRAD", "gpi=1,steps=2")
-    sizes = jnp.array(SIZES, jnp.int32)
-    x, w, ct = _rows(64, 5), _randn((3, 64, 128), 6, jnp.float32) * 0.1, _rows(128, 7)
+    sizes, live = jnp.array(SIZES, jnp.int32), jnp.array([128, 0, 192], jnp.int32)  # live: the Wgrad skips a slab
+    x, w, ct = _rows(64, 5).at[320:].set(0), _randn((3, 64, 128), 6, jnp.float32) * 0.1, _rows(128, 7)
 
     def f(impl):
         def loss(x, w):
-            y = grouped_matmul(x, w, sizes, impl, aligned=True)
+            y = grouped_matmul(x, w, sizes, impl, aligned=True, live_sizes=live)
             return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32)), y
         (_, y), (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w)
         return y, dx, dw

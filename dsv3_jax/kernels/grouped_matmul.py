@@ -73,44 +73,50 @@ def kernel_tiling(op: str, n: int) -> dict[str, int]:
     return kw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _mgpu_grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, interpret: bool) -> jax.Array:
-    """x [M, K] (aligned groups) × w [G, K, N] (x's dtype) → [M, N] on the Hopper BF16 kernels."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _mgpu_grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, live_sizes: jax.Array | None, interpret: bool
+                  ) -> jax.Array:
+    """x [M, K] (aligned groups) × w [G, K, N] (x's dtype) → [M, N] on the Hopper BF16 kernels. ``live_sizes`` [G]
+    (rows before each group's zero padding, or None): lets a per-group Wgrad schedule skip the padding's slabs."""
     return bf16_gemm_mgpu.grouped_matmul(x, w, group_sizes, interpret=interpret, **kernel_tiling("fwd", w.shape[2]))
 
 
-def _mgpu_grouped_fwd(x, w, group_sizes, interpret):
-    return _mgpu_grouped(x, w, group_sizes, interpret), (x, w, group_sizes)
+def _mgpu_grouped_fwd(x, w, group_sizes, live_sizes, interpret):
+    return _mgpu_grouped(x, w, group_sizes, live_sizes, interpret), (x, w, group_sizes, live_sizes)
 
 
 def _mgpu_grouped_bwd(interpret, res, dy):
-    x, w, group_sizes = res
+    x, w, group_sizes, live_sizes = res
     dy = dy.astype(x.dtype)
     # Dgrad: dy [M, N] · w[g]ᵀ, w read as stored ([G, K, N] is the transposed operand's [G, out, contraction])
     dx = bf16_gemm_mgpu.grouped_matmul(dy, w, group_sizes, transpose_b=True, interpret=interpret,
                                        **kernel_tiling("dgrad", w.shape[1]))
     # Wgrad: per expert x[rows]ᵀ · dy[rows], both token-major as they are
-    dw = bf16_gemm_mgpu.kgrouped_matmul(x, dy, group_sizes, w.dtype, interpret=interpret,
-                                        **kernel_tiling("wgrad", w.shape[2]))
-    return dx, dw, None
+    tiling = kernel_tiling("wgrad", w.shape[2])
+    live = live_sizes if tiling["groups_per_item"] else None  # the all-tokens schedule reads every slab
+    dw = bf16_gemm_mgpu.kgrouped_matmul(x, dy, group_sizes, w.dtype, live_sizes=live, interpret=interpret, **tiling)
+    return dx, dw, None, None
 
 
 _mgpu_grouped.defvjp(_mgpu_grouped_fwd, _mgpu_grouped_bwd)
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, impl: str = "auto",
-                   aligned: bool = False) -> jax.Array:
+                   aligned: bool = False, live_sizes: jax.Array | None = None) -> jax.Array:
     """[M, k] × [G, k, n] with contiguous row groups → [M, n] in lhs.dtype (f32 accumulation).
 
     ``aligned``: M and every group size are multiples of 128 and rows past the sum are zero (what
-    :func:`dsv3_jax.moe.aligned_layout` makes): only then can ``mgpu`` run.
+    :func:`dsv3_jax.moe.aligned_layout` makes): only then can ``mgpu`` run. ``live_sizes`` [G] (``mgpu`` only;
+    rows of each group before its zero padding, e.g. the unpadded expert loads): the Wgrad's per-group schedule
+    (``DSV3_BF16_WGRAD=...,gpi=N``) then skips each chunk's trailing all-zero slabs; the other impls ignore it.
     """
     if impl not in IMPLS:
         raise ValueError(f"grouped_matmul impl={impl!r}: expected one of {IMPLS}")
     rhs = rhs.astype(lhs.dtype)
     group_sizes = group_sizes.astype(jnp.int32)
     if aligned and wants_aligned_rows(impl):
-        return _mgpu_grouped(lhs, rhs, group_sizes, not on_gpu())
+        live = None if live_sizes is None else live_sizes.astype(jnp.int32)
+        return _mgpu_grouped(lhs, rhs, group_sizes, live, not on_gpu())
     tk = tokamax() if impl in ("auto", "tokamax", "mgpu") else None
     if impl == "tokamax" and tk is None:
         raise RuntimeError("grouped_matmul impl='tokamax' needs a GPU and the tokamax package (pip install .[gpu])")
