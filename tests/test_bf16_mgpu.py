@@ -1,6 +1,7 @@
 """The Hopper BF16 grouped GEMMs (dsv3_jax/kernels/bf16_gemm_mgpu.py, Pallas Mosaic GPU) against XLA's
 ``ragged_dot`` in Mosaic-GPU interpret mode on CPU: forward, the Dgrad that reads the weight transposed in shared
-memory, the k-grouped Wgrad (both accumulation forms), the ``mgpu`` custom VJP of ``grouped_matmul``, and MoE's
+memory, the k-grouped Wgrad (both accumulation forms; its per-chunk schedules and live-row trimming), the ``mgpu``
+custom VJP of ``grouped_matmul`` (tilings from the environment), and MoE's
 dispatch on it end to end, on 128-aligned groups with an empty group and trailing padding.
 
 Tolerances: kernel and XLA both multiply exact BF16 products and accumulate in FP32, in different orders, so FP32
@@ -18,7 +19,7 @@ import pytest
 from dsv3_jax import moe
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kernels import bf16_gemm_mgpu as bg
-from dsv3_jax.kernels.grouped_matmul import grouped_matmul
+from dsv3_jax.kernels.grouped_matmul import grouped_matmul, kernel_tiling
 
 SIZES = (128, 0, 256)  # an empty group; 3 of 4 row tiles used, the last is the static bound's padding
 ROWS = 512
@@ -70,21 +71,95 @@ def test_kgrouped_kernel_equals_ragged_dot_general(acc_in_place):
     assert not np.asarray(got[1]).any()
 
 
+@pytest.mark.parametrize("tile_n,tile_k,steps,groups_per_item", [(64, 128, 3, 2), (128, 64, 4, 3)])
+def test_kgrouped_schedules_equal_ragged_dot_general(tile_n, tile_k, steps, groups_per_item):
+    """The Wgrad's per-chunk schedules (bf16_gemm_mgpu.chunk_table: a dynamic-length pipeline over two or all three
+    groups' slabs; one group each: the live-rows test) at 64- and 128-token steps, against XLA; the empty group
+    comes out zero."""
+    sizes = jnp.array(SIZES, jnp.int32)
+    x, dy = _rows(64, 3), _rows(96, 4)
+    ref = jax.lax.ragged_dot_general(x, dy, sizes, _WGRAD_DN, preferred_element_type=jnp.float32)
+    got = bg.kgrouped_matmul(x, dy, sizes, jnp.float32, tile_n=tile_n, tile_k=tile_k, max_concurrent_steps=steps,
+                             groups_per_item=groups_per_item, interpret=True)
+    assert got.shape == (3, 64, 96)
+    _close(got, ref, 1e-5)
+    assert not np.asarray(got[1]).any()
+
+
+def test_kgrouped_live_sizes_skip_trailing_slabs():
+    """With ``live_sizes`` (60, 0, 100) the 64-token slabs wholly past a group's live rows are never read: rows
+    there hold garbage (NaN), and the result equals XLA on the live rows alone (rows between the live count and
+    its slab's end are zero, as the aligned layout's padding is)."""
+    sizes, live = jnp.array(SIZES, jnp.int32), jnp.array([60, 0, 100], jnp.int32)
+    r = np.arange(ROWS)
+    is_live = (r < 60) | ((r >= 128) & (r < 228))
+    skipped = ((r >= 64) & (r < 128)) | (r >= 256)  # whole slabs past the live rows
+    x, dy = _rows(64, 3), _rows(96, 4)
+    x, dy = (jnp.where(is_live[:, None], t, jnp.where(skipped[:, None], jnp.nan, 0)).astype(t.dtype) for t in (x, dy))
+    ref = jax.lax.ragged_dot_general(jnp.where(is_live[:, None], x, 0), jnp.where(is_live[:, None], dy, 0), sizes,
+                                     _WGRAD_DN, preferred_element_type=jnp.float32)
+    got = bg.kgrouped_matmul(x, dy, sizes, jnp.float32, tile_n=64, live_sizes=live, groups_per_item=1,
+                             interpret=True)
+    _close(got, ref, 1e-5)
+
+
+def test_chunk_table():
+    """(first slab, slabs) per run of groups: sizes (128, 0, 256, 128) in 64-token slabs."""
+    sizes = jnp.array([128, 0, 256, 128], jnp.int32)
+    np.testing.assert_array_equal(bg.chunk_table(sizes, None, 1, 64), [[0, 2, 2, 6], [2, 0, 4, 2]])
+    np.testing.assert_array_equal(bg.chunk_table(sizes, None, 3, 128), [[0, 3], [3, 1]])
+    live = jnp.array([100, 0, 130, 1], jnp.int32)
+    np.testing.assert_array_equal(bg.chunk_table(sizes, live, 1, 64), [[0, 2, 2, 6], [2, 0, 3, 1]])
+    np.testing.assert_array_equal(bg.chunk_table(sizes, live, 2, 64), [[0, 2], [2, 5]])  # group 2 read whole
+
+
+def test_forward_128_deep_steps_equals_ragged_dot():
+    """The forward at 128-deep K steps (tile_k 128: two swizzle rows per pipeline step)."""
+    sizes = jnp.array(SIZES, jnp.int32)
+    a, w = _rows(256, 1), _randn((3, 256, 128), 2)
+    ref = jax.lax.ragged_dot(a, w, sizes, preferred_element_type=jnp.float32)
+    _close(bg.grouped_matmul(a, w, sizes, jnp.float32, tile_n=64, tile_k=128, interpret=True), ref, 1e-5)
+
+
 def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="multiple of 128"):
         bg.grouped_matmul(jnp.zeros((100, 64), jnp.bfloat16), jnp.zeros((1, 64, 64), jnp.bfloat16),
                           jnp.array([100]), interpret=True)
+    with pytest.raises(ValueError, match="tile_k 96"):
+        bg.kgrouped_matmul(jnp.zeros((128, 64), jnp.bfloat16), jnp.zeros((128, 64), jnp.bfloat16),
+                           jnp.array([128]), tile_k=96, interpret=True)
+    with pytest.raises(ValueError, match="live_sizes"):
+        bg.kgrouped_matmul(jnp.zeros((128, 64), jnp.bfloat16), jnp.zeros((128, 64), jnp.bfloat16),
+                           jnp.array([128]), live_sizes=jnp.array([100]), interpret=True)
 
 
-def test_mgpu_custom_vjp_equals_xla():
+def test_kernel_tiling_from_env(monkeypatch):
+    monkeypatch.delenv("DSV3_BF16_WGRAD", raising=False)
+    monkeypatch.delenv("DSV3_BF16_FWD", raising=False)
+    assert kernel_tiling("wgrad", 1024) == {"tile_n": 64, "tile_k": 64, "max_concurrent_steps": 3,
+                                            "groups_per_item": 0}
+    assert kernel_tiling("fwd", 1024) == {"tile_n": 128, "tile_k": 64, "max_concurrent_steps": 3}
+    monkeypatch.setenv("DSV3_BF16_WGRAD", "tile_n=64, steps=4,gpi=1")
+    assert kernel_tiling("wgrad", 1024) == {"tile_n": 64, "tile_k": 64, "max_concurrent_steps": 4,
+                                            "groups_per_item": 1}
+    monkeypatch.setenv("DSV3_BF16_FWD", "gpi=1")  # the forward has no group chunks
+    with pytest.raises(ValueError, match="DSV3_BF16_FWD"):
+        kernel_tiling("fwd", 1024)
+
+
+def test_mgpu_custom_vjp_equals_xla(monkeypatch):
     """grouped_matmul(impl='mgpu', aligned) forward and both gradients against impl='xla' (XLA's ragged_dot and its
-    transposes) in BF16: FP32 accumulation rounded once to BF16 on both sides → ≤ 1 BF16 ulp of the max."""
-    sizes = jnp.array(SIZES, jnp.int32)
-    x, w, ct = _rows(64, 5), _randn((3, 64, 128), 6, jnp.float32) * 0.1, _rows(128, 7)
+    transposes) in BF16: FP32 accumulation rounded once to BF16 on both sides → ≤ 1 BF16 ulp of the max. The
+    Dgrad and Wgrad take tilings from the environment (128-deep steps; the per-group Wgrad schedule, given the live
+    rows: x is zero past them): the kernels' defaults are tested above and in the MoE test below."""
+    monkeypatch.setenv("DSV3_BF16_DGRAD", "tile_k=128")
+    monkeypatch.setenv("DSV3_BF16_WGRAD", "gpi=1,steps=2")
+    sizes, live = jnp.array(SIZES, jnp.int32), jnp.array([128, 0, 192], jnp.int32)  # live: the Wgrad skips a slab
+    x, w, ct = _rows(64, 5).at[320:].set(0), _randn((3, 64, 128), 6, jnp.float32) * 0.1, _rows(128, 7)
 
     def f(impl):
         def loss(x, w):
-            y = grouped_matmul(x, w, sizes, impl, aligned=True)
+            y = grouped_matmul(x, w, sizes, impl, aligned=True, live_sizes=live)
             return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32)), y
         (_, y), (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w)
         return y, dx, dw

@@ -6,7 +6,8 @@
 - ``tokamax``: tokamax's Mosaic-GPU ``ragged_dot`` (jax.lax.ragged_dot is ~7 TFLOP/s on H100, ../shared/GPU.md);
 - ``xla``: ``jax.lax.ragged_dot``;
 - ``mgpu``: this project's Hopper BF16 kernels (:mod:`.bf16_gemm_mgpu`: forward, Dgrad and k-grouped Wgrad under
-  one custom VJP), only on rows in 128-aligned groups (``aligned``, :func:`dsv3_jax.moe.aligned_layout`);
+  one custom VJP; tiling by :func:`kernel_tiling`), only on rows in 128-aligned groups (``aligned``,
+  :func:`dsv3_jax.moe.aligned_layout`);
   unaligned calls take ``auto``. Off the GPU they run in Mosaic GPU's interpreter (slow: tests only);
 - ``auto``: ``mgpu`` on a GPU when the rows are aligned (unless ``DSV3_BF16_GEMM=tokamax``), else tokamax on a GPU
   with tokamax installed, else xla. Measured at the bench config (13 layers, H200, sixth session): the BF16 step
@@ -49,43 +50,73 @@ def _tile_n(n: int) -> int:
     return 128 if n > 128 else 64
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _mgpu_grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, interpret: bool) -> jax.Array:
-    """x [M, K] (aligned groups) × w [G, K, N] (x's dtype) → [M, N] on the Hopper BF16 kernels."""
-    return bf16_gemm_mgpu.grouped_matmul(x, w, group_sizes, tile_n=_tile_n(w.shape[2]), interpret=interpret)
+# kernel keyword of each DSV3_BF16_{FWD,DGRAD,WGRAD} key (bench/bf16_wgrad_sweep.py names its variants the same way)
+_TILING_KEYS = {"tile_n": "tile_n", "tile_k": "tile_k", "steps": "max_concurrent_steps", "gpi": "groups_per_item"}
 
 
-def _mgpu_grouped_fwd(x, w, group_sizes, interpret):
-    return _mgpu_grouped(x, w, group_sizes, interpret), (x, w, group_sizes)
+def kernel_tiling(op: str, n: int) -> dict[str, int]:
+    """Tiling keywords of the ``mgpu`` kernel for ``op`` (fwd, dgrad or wgrad) with N = ``n`` output columns:
+    defaults (tile_n by :func:`_tile_n`, the Wgrad's 64, 64-deep K steps, 3 in flight, the Wgrad's all-tokens
+    schedule: the best measured so far), each overridable from ``DSV3_BF16_<OP>`` = comma-separated ``key=value``
+    with keys tile_n, tile_k, steps and (wgrad) gpi, e.g. ``DSV3_BF16_WGRAD=tile_n=64,steps=4,gpi=1`` — read at trace time, so a sweep's winner can be tried in
+    the training step (bench/train.py) before it becomes the default."""
+    kw = {"tile_n": _tile_n(n), "tile_k": bf16_gemm_mgpu.TILE_K, "max_concurrent_steps": 3}
+    if op == "wgrad":  # 128 × 128 CTA tiles: 348 TFLOP/s against 236-240 for 128 × 256 (down, H200, BENCHMARKS.md):
+        kw.update(tile_n=64, groups_per_item=0)  # the all-tokens schedule has only as many items as output tiles
+    var = f"DSV3_BF16_{op.upper()}"
+    for item in filter(None, os.environ.get(var, "").replace(" ", "").split(",")):
+        key, _, value = item.partition("=")
+        if _TILING_KEYS.get(key) not in kw or not value.isdigit():
+            raise ValueError(f"{var}={os.environ[var]!r}: expected key=value items with keys "
+                             f"{[k for k, v in _TILING_KEYS.items() if v in kw]} and integer values")
+        kw[_TILING_KEYS[key]] = int(value)
+    return kw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _mgpu_grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array, live_sizes: jax.Array | None, interpret: bool
+                  ) -> jax.Array:
+    """x [M, K] (aligned groups) × w [G, K, N] (x's dtype) → [M, N] on the Hopper BF16 kernels. ``live_sizes`` [G]
+    (rows before each group's zero padding, or None): lets a per-group Wgrad schedule skip the padding's slabs."""
+    return bf16_gemm_mgpu.grouped_matmul(x, w, group_sizes, interpret=interpret, **kernel_tiling("fwd", w.shape[2]))
+
+
+def _mgpu_grouped_fwd(x, w, group_sizes, live_sizes, interpret):
+    return _mgpu_grouped(x, w, group_sizes, live_sizes, interpret), (x, w, group_sizes, live_sizes)
 
 
 def _mgpu_grouped_bwd(interpret, res, dy):
-    x, w, group_sizes = res
+    x, w, group_sizes, live_sizes = res
     dy = dy.astype(x.dtype)
     # Dgrad: dy [M, N] · w[g]ᵀ, w read as stored ([G, K, N] is the transposed operand's [G, out, contraction])
-    dx = bf16_gemm_mgpu.grouped_matmul(dy, w, group_sizes, transpose_b=True, tile_n=_tile_n(w.shape[1]),
-                                       interpret=interpret)
+    dx = bf16_gemm_mgpu.grouped_matmul(dy, w, group_sizes, transpose_b=True, interpret=interpret,
+                                       **kernel_tiling("dgrad", w.shape[1]))
     # Wgrad: per expert x[rows]ᵀ · dy[rows], both token-major as they are
-    dw = bf16_gemm_mgpu.kgrouped_matmul(x, dy, group_sizes, w.dtype, tile_n=_tile_n(w.shape[2]), interpret=interpret)
-    return dx, dw, None
+    tiling = kernel_tiling("wgrad", w.shape[2])
+    live = live_sizes if tiling["groups_per_item"] else None  # the all-tokens schedule reads every slab
+    dw = bf16_gemm_mgpu.kgrouped_matmul(x, dy, group_sizes, w.dtype, live_sizes=live, interpret=interpret, **tiling)
+    return dx, dw, None, None
 
 
 _mgpu_grouped.defvjp(_mgpu_grouped_fwd, _mgpu_grouped_bwd)
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, impl: str = "auto",
-                   aligned: bool = False) -> jax.Array:
+                   aligned: bool = False, live_sizes: jax.Array | None = None) -> jax.Array:
     """[M, k] × [G, k, n] with contiguous row groups → [M, n] in lhs.dtype (f32 accumulation).
 
     ``aligned``: M and every group size are multiples of 128 and rows past the sum are zero (what
-    :func:`dsv3_jax.moe.aligned_layout` makes): only then can ``mgpu`` run.
+    :func:`dsv3_jax.moe.aligned_layout` makes): only then can ``mgpu`` run. ``live_sizes`` [G] (``mgpu`` only;
+    rows of each group before its zero padding, e.g. the unpadded expert loads): the Wgrad's per-group schedule
+    (``DSV3_BF16_WGRAD=...,gpi=N``) then skips each chunk's trailing all-zero slabs; the other impls ignore it.
     """
     if impl not in IMPLS:
         raise ValueError(f"grouped_matmul impl={impl!r}: expected one of {IMPLS}")
     rhs = rhs.astype(lhs.dtype)
     group_sizes = group_sizes.astype(jnp.int32)
     if aligned and wants_aligned_rows(impl):
-        return _mgpu_grouped(lhs, rhs, group_sizes, not on_gpu())
+        live = None if live_sizes is None else live_sizes.astype(jnp.int32)
+        return _mgpu_grouped(lhs, rhs, group_sizes, live, not on_gpu())
     tk = tokamax() if impl in ("auto", "tokamax", "mgpu") else None
     if impl == "tokamax" and tk is None:
         raise RuntimeError("grouped_matmul impl='tokamax' needs a GPU and the tokamax package (pip install .[gpu])")
