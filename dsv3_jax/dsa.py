@@ -23,6 +23,7 @@ c = kv_lora, r = qk_rope, n = qk_nope, v = v_head.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -44,6 +45,8 @@ from dsv3_jax.attention import (
     write_stacked,
 )
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.kernels._backend import on_gpu
+from dsv3_jax.kernels.dsa_attention import pallas_fits, sparse_latent_attention_fwd
 from dsv3_jax.layers import Linear, dtype_of, linear_args
 
 
@@ -147,9 +150,14 @@ def _sparse_block(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, dtype):
     return jnp.einsum("bhtk,btkc->bthc", probs, ck, preferred_element_type=jnp.float32).astype(dtype)
 
 
-def map_query_blocks(fn, xs: tuple, block: int):
+def map_query_blocks(fn, xs: tuple, block: int, remat: bool = False):
     """Apply ``fn(*xs)`` to ``block`` queries at a time: every array of xs is [B, T, ...]; the outputs (a pytree of
-    [B, T, ...] arrays) are reassembled. T is padded up to a multiple of ``block`` (padded rows are dropped)."""
+    [B, T, ...] arrays) are reassembled. T is padded up to a multiple of ``block`` (padded rows are dropped).
+
+    ``remat``: the backward pass keeps only each block's inputs and recomputes the block (``jax.checkpoint``), so
+    what a block builds — gathered rows [B, block, k, ·], [B, block, S] scores — is never stored for all T.
+    """
+    fn = jax.checkpoint(fn) if remat else fn
     T = xs[0].shape[1]
     if T <= block:
         return fn(*xs)
@@ -177,29 +185,84 @@ def topk_blocked(ix: IndexerOut, keys: jax.Array, q_pos: jax.Array, k_pos: jax.A
     return map_query_blocks(one, (ix.q, ix.w, q_pos), block)
 
 
-def selected_scores(ix: IndexerOut, keys: jax.Array, idx: jax.Array) -> jax.Array:
-    """I(t, s) at the selected keys only: keys [B, S, D], idx [B, T, k] → [B, T, k] float32. O(T·k·J·D)."""
+def selected_scores(ix: IndexerOut, keys: jax.Array, idx: jax.Array, block: int = 256) -> jax.Array:
+    """I(t, s) at the selected keys only: keys [B, S, D], idx [B, T, k] → [B, T, k] float32. O(T·k·J·D).
+
+    ``block`` queries at a time, recomputed in the backward: the gathered keys [B, block, k, D] and the per-head
+    scores [B, block, J, k] exist for one block only (the indexer's KL differentiates through this).
+    """
     D = ix.q.shape[-1]
-    ks = gather_keys(keys.astype(jnp.float32), idx)  # [B, T, k, D]
-    s = jnp.einsum("btjd,btkd->btjk", ix.q, ks, preferred_element_type=jnp.float32)
-    return jnp.einsum("btj,btjk->btk", ix.w, jax.nn.relu(s * D ** -0.5))
+    keys = keys.astype(jnp.float32)
+
+    def one(q, w, i):
+        s = jnp.einsum("btjd,btkd->btjk", q, gather_keys(keys, i), preferred_element_type=jnp.float32)
+        return jnp.einsum("btj,btjk->btk", w, jax.nn.relu(s * D ** -0.5))
+
+    return map_query_blocks(one, (ix.q, ix.w, idx), block, remat=True)
 
 
-def sparse_latent_attention(q_nope, q_rope, c_kv, k_rope, w_kv_b, idx, valid, scale, dtype, block: int = 256):
+def sparse_latent_attention(q_nope, q_rope, c_kv, k_rope, w_kv_b, idx, valid, scale, dtype, block: int = 256,
+                            impl: str = "xla"):
     """MLA over each query's selected keys only, in latent space (kv_b_proj absorbed, REFERENCE §4).
 
     q_nope [B,T,H,n], q_rope [B,T,H,r], c_kv [B,S,c], k_rope [B,S,r], w_kv_b [c,H,n+v], idx/valid [B,T,k]
-    → [B,T,H,v]. Cost O(T·k·H·(c + r)); queries go ``block`` at a time so the gathered rows take
-    B·block·k·(c + r) values, not B·T·k·(c + r).
+    → [B,T,H,v]. Cost O(T·k·H·(c + r)). ``impl`` (ModelConfig.dsa_attention_impl): see :func:`sparse_latent_core`.
     """
     n = q_nope.shape[-1]
     w = w_kv_b.astype(dtype)
     q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w[..., :n], preferred_element_type=jnp.float32).astype(dtype)
-    q_rope = q_rope.astype(dtype)
-    c_kv, k_rope = c_kv.astype(dtype), k_rope.astype(dtype)
-    o_lat = map_query_blocks(lambda q, qr, i, ok: _sparse_block(q, qr, c_kv, k_rope, i, ok, scale, dtype),
-                             (q_lat, q_rope, idx, valid), block)
+    o_lat = sparse_latent_core(q_lat, q_rope.astype(dtype), c_kv.astype(dtype), k_rope.astype(dtype), idx, valid,
+                               scale, dtype, block, impl)
     return jnp.einsum("bthc,chv->bthv", o_lat, w[..., n:], preferred_element_type=jnp.float32).astype(dtype)
+
+
+def sparse_latent_xla(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, dtype, block: int = 256):
+    """The gathered latent attention as XLA ops, ``block`` queries at a time, each block recomputed in the backward.
+
+    q_lat [B,T,H,c] (w_uk absorbed), q_rope [B,T,H,r], c_kv [B,S,c], k_rope [B,S,r], idx/valid [B,T,k]
+    → o_lat [B,T,H,c]. Memory: the gathered rows [B, block, k, c + r] and probabilities [B, H, block, k] of one
+    block; the backward stores only the inputs (O(T·k) indices, O(T·H·c) queries).
+    """
+    return map_query_blocks(lambda q, qr, i, ok: _sparse_block(q, qr, c_kv, k_rope, i, ok, scale, dtype),
+                            (q_lat, q_rope, idx, valid), block, remat=True)
+
+
+def sparse_latent_core(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, dtype, block: int = 256, impl: str = "xla"):
+    """o_lat [B,T,H,c] = softmax over each query's valid selected keys; shapes as :func:`sparse_latent_xla`.
+
+    ``impl``: "xla" (:func:`sparse_latent_xla`), "pallas" (the gathered flash kernel of
+    :mod:`dsv3_jax.kernels.dsa_attention`; its backward is the blocked XLA path; interpret mode off the GPU),
+    "auto" (pallas on a GPU in bf16/f16 with power-of-two latent widths, else xla).
+    """
+    if impl not in ("auto", "xla", "pallas"):
+        raise ValueError(f"dsa_attention_impl={impl!r}: expected 'auto', 'xla' or 'pallas'")
+    if impl == "auto":
+        impl = "pallas" if on_gpu() and pallas_fits(q_lat, q_rope, idx) else "xla"
+    if impl == "pallas":
+        return sparse_latent_pallas(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, block)
+    return sparse_latent_xla(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, dtype, block)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def sparse_latent_pallas(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, block: int = 256):
+    """:func:`sparse_latent_xla` with the forward in the gathered flash kernel (interpret mode off the GPU) and the
+    backward on the blocked XLA path (recomputing each block: no residuals beyond the inputs). Shapes as there."""
+    return sparse_latent_attention_fwd(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, interpret=not on_gpu())
+
+
+def _pallas_fwd(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, block):
+    return sparse_latent_pallas(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, block), (q_lat, q_rope, c_kv,
+                                                                                         k_rope, idx, valid)
+
+
+def _pallas_bwd(scale, block, res, g):
+    q_lat, q_rope, c_kv, k_rope, idx, valid = res
+    _, vjp = jax.vjp(lambda q, qr, c, kr: sparse_latent_xla(q, qr, c, kr, idx, valid, scale, q_lat.dtype, block),
+                     q_lat, q_rope, c_kv, k_rope)
+    return (*vjp(g), None, None)
+
+
+sparse_latent_pallas.defvjp(_pallas_fwd, _pallas_bwd)
 
 
 def head_mean_probs(q_nope, q_rope, c_kv, k_rope, w_uk, mask, scale) -> jax.Array:
@@ -273,7 +336,8 @@ class DSA(nn.Module):
                 out = masked_dense_attention(inp.q_nope, inp.q_rope, c_kv, k_rope, w, mask, scale, dt)
             else:
                 idx, valid = topk_blocked(ix, view.k_index, positions, slots, c.index_topk)
-                out = sparse_latent_attention(inp.q_nope, inp.q_rope, c_kv, k_rope, w, idx, valid, scale, dt)
+                out = sparse_latent_attention(inp.q_nope, inp.q_rope, c_kv, k_rope, w, idx, valid, scale, dt,
+                                              impl=c.dsa_attention_impl)
             return o_proj(c, out), cache, {}
         if c.index_attention == "dense":  # the warm-up: O(T²) by design (the KL is over every causal key)
             causal = causal_mask(positions, positions)
@@ -285,18 +349,25 @@ class DSA(nn.Module):
                    "topk_mass": jnp.mean(jnp.sum(jnp.where(valid, jnp.take_along_axis(p, idx, -1), 0.0), -1))}
         else:  # never a [T, T] array: blocked top-k, gathered attention, KL over the selected keys
             idx, valid = topk_blocked(ix, ix.k, positions, positions, c.index_topk)
-            out = sparse_latent_attention(inp.q_nope, inp.q_rope, inp.c_kv, inp.k_rope, w, idx, valid, scale, dt)
+            out = sparse_latent_attention(inp.q_nope, inp.q_rope, inp.c_kv, inp.k_rope, w, idx, valid, scale, dt,
+                                          impl=c.dsa_attention_impl)
             p = _selected_head_mean(inp.q_nope, inp.q_rope, inp.c_kv, inp.k_rope, w[..., :n], idx, valid, scale)
             aux = {"indexer_kl": indexer_kl(p, selected_scores(ix, ix.k, idx), valid),
                    "topk_mass": jnp.full((), jnp.nan, jnp.float32)}
         return o_proj(c, out), None, aux
 
 
-def _selected_head_mean(q_nope, q_rope, c_kv, k_rope, w_uk, idx, valid, scale) -> jax.Array:
-    """Head-mean attention over each query's selected keys, float32, no gradient → [B, T, k]."""
+def _selected_head_mean(q_nope, q_rope, c_kv, k_rope, w_uk, idx, valid, scale, block: int = 256) -> jax.Array:
+    """Head-mean attention over each query's selected keys, float32, no gradient → [B, T, k]; ``block`` queries at
+    a time (the gathered rows and [B, H, block, k] probabilities of one block only)."""
     f = jnp.float32
-    q_lat = jnp.einsum("bthn,chn->bthc", q_nope.astype(f), w_uk.astype(f))
-    ck, kr = gather_keys(c_kv.astype(f), idx), gather_keys(k_rope.astype(f), idx)
-    s = jnp.einsum("bthc,btkc->bhtk", q_lat, ck) + jnp.einsum("bthr,btkr->bhtk", q_rope.astype(f), kr)
-    probs = jax.nn.softmax(jnp.where(valid[:, None], s * scale, NEG_INF), axis=-1)
-    return jax.lax.stop_gradient(probs.mean(axis=1))
+    sg = jax.lax.stop_gradient
+    q_lat = jnp.einsum("bthn,chn->bthc", sg(q_nope).astype(f), sg(w_uk).astype(f))
+    c_kv, k_rope = sg(c_kv).astype(f), sg(k_rope).astype(f)
+
+    def one(q, qr, i, ok):
+        ck, kr = gather_keys(c_kv, i), gather_keys(k_rope, i)
+        s = jnp.einsum("bthc,btkc->bhtk", q, ck) + jnp.einsum("bthr,btkr->bhtk", qr, kr)
+        return jax.nn.softmax(jnp.where(ok[:, None], s * scale, NEG_INF), axis=-1).mean(axis=1)
+
+    return map_query_blocks(one, (q_lat, sg(q_rope).astype(f), idx, valid), block)

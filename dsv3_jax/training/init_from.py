@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from dsv3_jax.config import Config, ConfigError, DataConfig, ModelConfig, load_config
 
 # Model keys that are how the run computes, not what the weights are: the run's YAML decides them.
-RUNTIME_KEYS = frozenset({"dtype", "param_dtype", "attention_impl", "moe_impl", "mla_decode_impl", "remat", "fp8",
-                          "fp8_pow2_scales", "fp8_weights", "packed_samples"})
+RUNTIME_KEYS = frozenset({"dtype", "param_dtype", "attention_impl", "moe_impl", "mla_decode_impl", "dsa_attention_impl",
+                          "remat", "fp8", "fp8_pow2_scales", "fp8_weights", "packed_samples"})
 
 Kind = Literal["run", "params", "hf"]
 
