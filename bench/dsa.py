@@ -130,9 +130,9 @@ def _ms(ms: float | str) -> str:
 
 def markdown(rows: list[dict], device: str, impl: str) -> str:
     """The table for BENCHMARKS.md: tokens/s (and ms) per length, MLA vs DSA."""
-    out = [f"device: {device}; DSA attention impl: {impl}; batch 1, one layer; tokens/s (ms)", "",
-           "| T | prefill MLA | prefill DSA | indexer share of DSA fwd | training MLA (fwd+bwd) | training DSA "
-           "(fwd+bwd) | decode MLA | decode DSA |",
+    header = ("| T | prefill MLA | prefill DSA | indexer share of DSA fwd | training MLA (fwd+bwd) | training DSA "
+              "(fwd+bwd) | decode MLA | decode DSA |")
+    out = [f"device: {device}; DSA attention impl: {impl}; batch 1, one layer; tokens/s (ms)", "", header,
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         T = r["T"]
