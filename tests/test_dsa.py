@@ -320,6 +320,41 @@ def test_tiny_warmup_then_sparse_stage(tmp_path):
     assert np.mean(ce[-5:]) < 0.8 * np.mean(ce[:5]) and all(np.isfinite(r["indexer_kl"]) for r in rows), ce
 
 
+@pytest.mark.slow
+def test_warmup_starts_from_a_v3_checkpoint_with_a_fresh_indexer(tmp_path):
+    """The paper's recipe starts the dense warm-up from a V3 checkpoint: train.init_from on a V3 params checkpoint
+    (no indexer) with the tiny warm-up config gives a V3.2 model with the V3 weights and a fresh indexer; the
+    warm-up then trains the indexer only (KL falls) and every V3 weight ends exactly as loaded."""
+    import json
+
+    from dsv3_jax.config import load_config
+    from dsv3_jax.params_io import save_variables
+    from dsv3_jax.training.checkpoint import restore_params
+    from dsv3_jax.training.init_from import resolve_config
+    from dsv3_jax.training.loop import train
+    from tests.common import random_variables
+    from tests.test_training import data_fns
+
+    overrides = [*SHRINK, "train.steps=20", f"run_dir={tmp_path / 'run'}"]
+    cfg = load_config(FIXTURES.parent.parent / "configs" / "tiny_v32_warmup.yaml", overrides)
+    v3 = dataclasses.replace(cfg.model, index_topk=None)  # the same widths, no indexer: a V3 model
+    v3_vars = random_variables(v3, seed=7)
+    save_variables(tmp_path / "v3", v3_vars, v3)
+    cfg, src = resolve_config(load_config(FIXTURES.parent.parent / "configs" / "tiny_v32_warmup.yaml",
+                                          [*overrides, f"train.init_from={tmp_path / 'v3'}"]))
+    assert src.kind == "params" and not src.model.uses_dsa
+    assert cfg.model == dataclasses.replace(v3, index_topk=8, index_n_heads=2, index_head_dim=16,
+                                            index_attention="dense")
+    train(cfg, *data_fns(cfg))
+    kl = [json.loads(x)["indexer_kl"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert kl[-1] < 0.7 * kl[0], kl
+    end, _ = restore_params(tmp_path / "run" / "checkpoints")
+    flat = {jax.tree_util.keystr(p): a for p, a in jax.tree_util.tree_flatten_with_path(end["params"])[0]}
+    for path, a in jax.tree_util.tree_flatten_with_path(v3_vars["params"])[0]:
+        np.testing.assert_array_equal(flat.pop(jax.tree_util.keystr(path)), a)  # V3 weights: loaded, frozen
+    assert flat and all("indexer" in k for k in flat)  # what is left is the (fresh, trained) indexer
+
+
 # ---- serving: latent + indexer key cache ---------------------------------------------------------------------
 
 
