@@ -47,6 +47,7 @@ from dsv3_jax.attention import (
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kernels._backend import on_gpu
 from dsv3_jax.kernels.dsa_attention import pallas_fits, sparse_latent_attention_fwd
+from dsv3_jax.kernels.dsa_index import index_scores_kernel
 from dsv3_jax.layers import Linear, dtype_of, linear_args
 
 
@@ -174,15 +175,41 @@ def map_query_blocks(fn, xs: tuple, block: int, remat: bool = False):
     return jax.tree.map(join, jax.lax.map(lambda b: fn(*b), tuple(split(a) for a in xs)))
 
 
-def topk_blocked(ix: IndexerOut, keys: jax.Array, q_pos: jax.Array, k_pos: jax.Array, k: int, block: int = 64
-                 ) -> tuple[jax.Array, jax.Array]:
-    """Each query's top-k causal keys without the full score matrix: ``block`` queries at a time hold
-    [B, block, J, S] scores. keys [B, S, D], q_pos [B, T], k_pos [B, S] → (idx, valid) [B, T, k'] as
-    :func:`select_topk`."""
-    def one(q, w, qp):
-        return select_topk(index_scores(IndexerOut(q, keys, w)), k_pos[:, None, :] <= qp[:, :, None], k)
+def topk_blocked(ix: IndexerOut, keys: jax.Array, q_pos: jax.Array, k_pos: jax.Array, k: int,
+                 block: int | None = None, impl: str = "xla", dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """Each query's top-k causal keys without the full score matrix, ``block`` queries at a time (default 64 for
+    xla, 512 for pallas). keys [B, S, D], q_pos [B, T], k_pos [B, S] → (idx, valid) [B, T, k'] as
+    :func:`select_topk`.
 
-    return map_query_blocks(one, (ix.q, ix.w, q_pos), block)
+    ``impl`` (ModelConfig.dsa_index_impl): "xla" holds a block's per-head scores [B, block, J, S] in float32;
+    "pallas" computes a block's [B, block, S] scores in the fused kernel of :mod:`dsv3_jax.kernels.dsa_index`
+    with dot operands in ``dtype`` (the model's: BF16 on a GPU) and float32 accumulation (interpret mode off the
+    GPU); "auto": pallas on a GPU, else xla.
+    """
+    if impl not in ("auto", "xla", "pallas"):
+        raise ValueError(f"dsa_index_impl={impl!r}: expected 'auto', 'xla' or 'pallas'")
+    if impl == "auto":
+        impl = "pallas" if on_gpu() and ix.q.shape[-1] >= 16 and ix.q.shape[-1] & (ix.q.shape[-1] - 1) == 0 else "xla"
+    block = block or (512 if impl == "pallas" else 64)
+    S = keys.shape[1]
+    if impl == "pallas":
+        bs = 64
+        if S % bs:  # pad once here, not per query block: padded keys sit past every query
+            keys = jnp.pad(keys, ((0, 0), (0, -S % bs), (0, 0)))
+            k_pos = jnp.pad(k_pos, ((0, 0), (0, -S % bs)), constant_values=jnp.iinfo(jnp.int32).max)
+
+        def scores(q, w, qp):
+            return index_scores_kernel(q, w, qp, keys, k_pos, dtype=dtype, block_t=16 if q.shape[1] <= 16 else 64,
+                                       block_s=bs, interpret=not on_gpu())  # (16: decode pads less)
+    else:
+        def scores(q, w, qp):
+            return index_scores(IndexerOut(q, keys, w))
+
+    def one(q, w, qp):
+        return select_topk(scores(q, w, qp), k_pos[:, None, :] <= qp[:, :, None], k)
+
+    idx, valid = map_query_blocks(one, (ix.q, ix.w, q_pos), block)
+    return idx[..., :min(k, S)], valid[..., :min(k, S)]  # (padded keys are never valid: they sort last)
 
 
 def selected_scores(ix: IndexerOut, keys: jax.Array, idx: jax.Array, block: int = 256) -> jax.Array:
@@ -335,7 +362,8 @@ class DSA(nn.Module):
             if c.index_attention == "dense":
                 out = masked_dense_attention(inp.q_nope, inp.q_rope, c_kv, k_rope, w, mask, scale, dt)
             else:
-                idx, valid = topk_blocked(ix, view.k_index, positions, slots, c.index_topk)
+                idx, valid = topk_blocked(ix, view.k_index, positions, slots, c.index_topk, impl=c.dsa_index_impl,
+                                          dtype=dt)
                 out = sparse_latent_attention(inp.q_nope, inp.q_rope, c_kv, k_rope, w, idx, valid, scale, dt,
                                               impl=c.dsa_attention_impl)
             return o_proj(c, out), cache, {}
@@ -348,7 +376,7 @@ class DSA(nn.Module):
             aux = {"indexer_kl": indexer_kl(p, scores, causal),
                    "topk_mass": jnp.mean(jnp.sum(jnp.where(valid, jnp.take_along_axis(p, idx, -1), 0.0), -1))}
         else:  # never a [T, T] array: blocked top-k, gathered attention, KL over the selected keys
-            idx, valid = topk_blocked(ix, ix.k, positions, positions, c.index_topk)
+            idx, valid = topk_blocked(ix, ix.k, positions, positions, c.index_topk, impl=c.dsa_index_impl, dtype=dt)
             out = sparse_latent_attention(inp.q_nope, inp.q_rope, inp.c_kv, inp.k_rope, w, idx, valid, scale, dt,
                                           impl=c.dsa_attention_impl)
             p = _selected_head_mean(inp.q_nope, inp.q_rope, inp.c_kv, inp.k_rope, w[..., :n], idx, valid, scale)

@@ -124,6 +124,35 @@ def test_index_scores_and_topk_match_numpy():
                                np.take_along_axis(got, np.asarray(idx), -1), rtol=1e-5, atol=1e-6)
 
 
+def test_index_kernel_equals_xla_scores_and_selection():
+    """The fused indexer kernel (Pallas interpret mode; 16×16 tiles over 37 queries × 37 keys: padded edges and
+    skipped causally invisible tiles). Float32 operands: the XLA path's scores up to summation order (rtol 1e-5) on
+    every visible (t, s), the same top-k. BF16 operands (the GPU default): within the bound rounding q and k to
+    bf16 allows — each product q_i·k_i moves by ≤ 2·2⁻⁹ relative (plus 2⁻¹⁶), so |ΔI| ≤ Σ_j |w_j| · D^-0.5 ·
+    Σ_i |q_ji k_i| · 2⁻⁸ (ReLU is 1-Lipschitz; f32 accumulation adds ~1e-6 relative)."""
+    from dsv3_jax.kernels.dsa_index import index_scores_kernel
+
+    rng = np.random.default_rng(5)
+    B, T, J, D, K = 2, 37, 3, 16, 6
+    ix = _indexer_out(rng, B, T, J, D)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    causal = np.asarray(pos[:, None, :] <= pos[:, :, None])
+    ref = np.asarray(index_scores(ix))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        got = np.asarray(index_scores_kernel(ix.q, ix.w, pos, ix.k, pos, dtype=dtype, block_t=16, block_s=16,
+                                             interpret=True))
+        if dtype == jnp.float32:
+            np.testing.assert_allclose(np.where(causal, got, 0), np.where(causal, ref, 0), rtol=1e-5, atol=1e-6)
+        else:
+            q, k, w = (np.asarray(a, np.float64) for a in ix)
+            bound = np.einsum("btj,btjs->bts", np.abs(w), np.einsum("btjd,bsd->btjs", np.abs(q), np.abs(k))) / np.sqrt(D)
+            assert np.all(np.abs(got - ref)[causal] <= (bound * 2 ** -8 + 1e-5)[causal])
+    idx, valid = topk_blocked(ix, ix.k, pos, pos, K, block=8)
+    pidx, pvalid = topk_blocked(ix, ix.k, pos, pos, K, block=8, impl="pallas", dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(pvalid), np.asarray(valid))
+    np.testing.assert_array_equal(np.where(pvalid, pidx, -1), np.where(valid, idx, -1))
+
+
 @pytest.mark.parametrize("T,block,impl", [(20, 256, "xla"), (37, 8, "xla"), (37, 8, "pallas")])
 def test_sparse_attention_equals_masked_dense(T, block, impl):
     """One block; several blocks with a padded tail; the gathered flash kernel (Pallas interpret mode on CPU;

@@ -29,7 +29,8 @@ from dsv3_jax.config import Config, ConfigError, DataConfig, ModelConfig, load_c
 # Model keys that are how the run computes, not what the weights are: the run's YAML decides them.
 # index_attention is the V3.2 training stage (dense warm-up or sparse), not a property of the weights.
 RUNTIME_KEYS = frozenset({"dtype", "param_dtype", "attention_impl", "moe_impl", "mla_decode_impl", "dsa_attention_impl",
-                          "remat", "fp8", "fp8_pow2_scales", "fp8_weights", "packed_samples", "index_attention"})
+                          "dsa_index_impl", "remat", "fp8", "fp8_pow2_scales", "fp8_weights", "packed_samples",
+                          "index_attention"})
 # The V3.2 indexer's shape: a config that sets index_topk over a V3 source (no indexer) upgrades it to V3.2 with a
 # freshly initialised indexer (the paper's recipe: the dense warm-up starts from a V3.1 checkpoint).
 INDEXER_KEYS = ("index_topk", "index_n_heads", "index_head_dim")
