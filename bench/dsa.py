@@ -2,12 +2,13 @@
 config's widths (configs/bench_1gpu.yaml: d 2048, 16 heads, kv_lora 512, rope 64) plus the V3.2 indexer (64 heads ×
 128, top-2048), batch 1, at 8K / 32K / 64K / 128K context.
 
-    python bench/dsa.py [--lengths 8192,32768,65536,131072] [--iters 3] [--dsa-impl auto] [--json OUT.json]
-                        [--md OUT.md] [--quick]
+    python bench/dsa.py [--lengths 8192,32768,65536,131072] [--iters 3] [--dsa-impl auto] [--index-impl auto]
+                        [--json OUT.json] [--md OUT.md] [--quick]
 
 Per length: prefill (forward) and training (forward + backward) tokens/s of dense MLA (the fused causal kernel) and
 of DSA (indexer scoring + blocked top-k + gathered latent attention: ``model.dsa_attention_impl``, the Pallas
-kernel on a GPU by default), the indexer's forward (scores + top-k) as a share of the DSA forward, and decode
+kernel on a GPU by default; the indexer's scores ``model.dsa_index_impl``, the fused BF16 Pallas kernel on a GPU by
+default), the indexer's forward (scores + top-k) as a share of the DSA forward, and decode
 tokens/s: one absorbed decode step at the last position over a full latent cache (+ the indexer key cache for
 DSA). A measurement that runs out of device memory (or fails otherwise) is reported in its cell ("OOM") and the
 run goes on. The markdown table goes to stdout, to ``--md`` and, when ``$OUT`` is set, to ``$OUT/dsa.md``.
@@ -50,7 +51,8 @@ class IndexerSelect(nn.Module):
     def __call__(self, x, pos):
         inp = mla_inputs(self.cfg, x, pos)
         ix = Indexer(self.cfg, name="indexer")(x, inp.cq, inp.cos, inp.sin)
-        return topk_blocked(ix, ix.k, pos, pos, self.cfg.index_topk)[0]
+        return topk_blocked(ix, ix.k, pos, pos, self.cfg.index_topk, impl=self.cfg.dsa_index_impl,
+                            dtype=jnp.dtype(self.cfg.dtype))[0]
 
 
 def _time(fn, *args, iters: int) -> float:
@@ -132,7 +134,7 @@ def markdown(rows: list[dict], device: str, impl: str) -> str:
     """The table for BENCHMARKS.md: tokens/s (and ms) per length, MLA vs DSA."""
     header = ("| T | prefill MLA | prefill DSA | indexer share of DSA fwd | training MLA (fwd+bwd) | training DSA "
               "(fwd+bwd) | decode MLA | decode DSA |")
-    out = [f"device: {device}; DSA attention impl: {impl}; batch 1, one layer; tokens/s (ms)", "", header,
+    out = [f"device: {device}; DSA impls: {impl}; batch 1, one layer; tokens/s (ms)", "", header,
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         T = r["T"]
@@ -154,12 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", help="also write the markdown table here")
     ap.add_argument("--lengths", default="8192,32768,65536,131072")
     ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--dsa-impl", default="auto", choices=("auto", "xla", "pallas"))
+    ap.add_argument("--dsa-impl", default="auto", choices=("auto", "xla", "pallas"),
+                    help="model.dsa_attention_impl: the gathered sparse attention")
+    ap.add_argument("--index-impl", default="auto", choices=("auto", "xla", "pallas"),
+                    help="model.dsa_index_impl: the indexer's scoring")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
     base = load_config(ROOT / "configs" / "bench_1gpu.yaml").model
     cfg = dataclasses.replace(base, index_topk=2048, index_n_heads=64, index_head_dim=128, remat="none",
-                              dsa_attention_impl=a.dsa_impl)
+                              dsa_attention_impl=a.dsa_impl, dsa_index_impl=a.index_impl)
     lengths = [int(x) for x in a.lengths.split(",")]
     if a.quick or not on_gpu():
         cfg = dataclasses.replace(cfg, index_topk=16, hidden_size=256, num_attention_heads=2, q_lora_rank=64,
@@ -172,13 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         row = bench_length(cfg, T, a.iters)
         rows.append(row)
         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    table = markdown(rows, device, a.dsa_impl)
+    table = markdown(rows, device, f"attention {a.dsa_impl}, indexer {a.index_impl}")
     print(table)
     for path in [a.md, os.environ.get("OUT") and str(Path(os.environ["OUT"]) / "dsa.md")]:
         if path:
             Path(path).write_text(table)
     if a.json:
-        Path(a.json).write_text(json.dumps({"device": device, "dsa_impl": a.dsa_impl, "rows": rows}, indent=1))
+        Path(a.json).write_text(json.dumps({"device": device, "dsa_impl": a.dsa_impl, "index_impl": a.index_impl,
+                                                 "rows": rows}, indent=1))
     return 0
 
 

@@ -191,6 +191,8 @@ def topk_blocked(ix: IndexerOut, keys: jax.Array, q_pos: jax.Array, k_pos: jax.A
     if impl == "auto":
         impl = "pallas" if on_gpu() and ix.q.shape[-1] >= 16 and ix.q.shape[-1] & (ix.q.shape[-1] - 1) == 0 else "xla"
     block = block or (512 if impl == "pallas" else 64)
+    sg = jax.lax.stop_gradient  # the selection has no gradient: none is traced through the scoring (or the kernel)
+    ix, keys = IndexerOut(sg(ix.q), sg(ix.k), sg(ix.w)), sg(keys)
     S = keys.shape[1]
     if impl == "pallas":
         bs = 64

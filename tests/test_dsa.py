@@ -152,6 +152,13 @@ def test_index_kernel_equals_xla_scores_and_selection():
     np.testing.assert_array_equal(np.asarray(pvalid), np.asarray(valid))
     np.testing.assert_array_equal(np.where(pvalid, pidx, -1), np.where(valid, idx, -1))
 
+    # Training differentiates around the selection (the KL at the selected keys): no tangent enters the kernel.
+    def kl_like(q):
+        i, ok = topk_blocked(IndexerOut(q, ix.k, ix.w), ix.k, pos, pos, K, block=8, impl="pallas")
+        return jnp.where(ok, selected_scores(IndexerOut(q, ix.k, ix.w), ix.k, i), 0.0).sum()
+
+    assert np.isfinite(np.asarray(jax.grad(kl_like)(ix.q))).all()
+
 
 @pytest.mark.parametrize("T,block,impl", [(20, 256, "xla"), (37, 8, "xla"), (37, 8, "pallas")])
 def test_sparse_attention_equals_masked_dense(T, block, impl):
