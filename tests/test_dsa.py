@@ -66,6 +66,16 @@ def test_v32_logits_match_hf(fixture, fp8_weights):
     assert _rel(got, np.load(d / "logits.npy")) <= 1e-4
 
 
+@pytest.mark.slow
+def test_v32_logits_match_hf_with_the_kernels():
+    """Both DSA kernels in the model (Pallas interpret mode on CPU, float32 operands): the indexer's fused scoring
+    picks the same keys and the gathered flash attention gives HF's logits, as the XLA path does."""
+    variables, cfg = load_hf(V32)
+    cfg = dataclasses.replace(cfg, dsa_attention_impl="pallas", dsa_index_impl="pallas")
+    got = compute_logits(variables, cfg, np.load(V32 / "tokens.npy"))
+    assert _rel(got, np.load(V32 / "logits.npy")) <= 1e-4
+
+
 def test_v32_logits_cli_and_convert_round_trip(tmp_path):
     out = tmp_path / "logits.npy"
     assert logits.main(["--hf-dir", str(V32), "--tokens", str(V32 / "tokens.npy"), "--out", str(out)]) == 0
