@@ -202,6 +202,28 @@ def test_sparse_attention_equals_masked_dense(T, block, impl):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4)
 
 
+def test_sparse_attention_kernel_bf16_matches_xla_path():
+    """BF16 operands (the GPU case; interpret mode casts the dots' operands to f32, and bf16 products are exact in
+    f32, as on the tensor cores). The kernel rounds its unnormalised probabilities exp(s − m_running) to bf16 and
+    divides at the end; the XLA path rounds the normalised ones: each weight differs by ≤ 2·2⁻⁹ relative, the
+    output rounding adds 2⁻⁹ relative per path, so |Δo| ≤ (2·2⁻⁹ + 2·2⁻⁹) · max|c_kv| per element."""
+    from dsv3_jax.dsa import sparse_latent_pallas, sparse_latent_xla
+
+    rng = np.random.default_rng(6)
+    B, T, H, c, r, K = 1, 24, 4, 32, 16, 9
+
+    def a(*s):
+        return jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+
+    q, qr, ck, kr = a(B, T, H, c), a(B, T, H, r), a(B, T, c), a(B, T, r)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    idx, valid = select_topk(jnp.asarray(rng.standard_normal((B, T, T)), jnp.float32),
+                             pos[:, None, :] <= pos[:, :, None], K)
+    got = np.asarray(sparse_latent_pallas(q, qr, ck, kr, idx, valid, 0.1, 8), np.float32)
+    ref = np.asarray(sparse_latent_xla(q, qr, ck, kr, idx, valid, 0.1, jnp.bfloat16, 8), np.float32)
+    assert np.abs(got - ref).max() <= 4 * 2 ** -9 * float(jnp.abs(ck.astype(jnp.float32)).max())
+
+
 def test_sparse_training_memory_is_linear_in_T():
     """XLA's compiled memory analysis (CPU) of one DSA layer's forward + backward, sparse mode, top-64: the scratch
     memory grows ~linearly with T and stays far below one [T, T] float32 matrix (never stored: the indexer scores
