@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-NEG_INF = -1e30  # the finite "minus infinity" of dsv3_jax.attention
+from dsv3_jax.kernels.mla_decode import latent_tile_init, latent_tile_step
 
 
 def _is_pow2(n: int) -> bool:
@@ -60,23 +60,14 @@ def _kernel(q_ref, qr_ref, idx_ref, c_ref, kr_ref, o_ref, *, scale: float, block
     n_blocks = idx_ref.shape[0] // block_k
 
     def body(j, carry):
-        acc, m_prev, l_prev = carry
         ids = idx_ref[pl.ds(j * block_k, block_k)]  # [bk]
         ok = ids >= 0
         rows = jnp.where(ok, ids, 0)
         c = c_ref[rows, :]  # [bk, C]: the gather, row by row from HBM
         kr = kr_ref[rows, :]  # [bk, R]
-        s = plgpu.dot(q, cast(c), trans_b=True) + plgpu.dot(qr, cast(kr), trans_b=True)  # [bh, bk] f32
-        s = jnp.where(ok[None, :], s * scale, NEG_INF)
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        alpha = jnp.exp(m_prev - m_new)
-        p = jnp.exp(s - m_new[:, None])
-        l_new = alpha * l_prev + jnp.sum(p, axis=1)
-        acc = alpha[:, None] * acc + plgpu.dot(cast(p.astype(c.dtype)), cast(c))  # [bh, C] f32
-        return acc, m_new, l_new
+        return latent_tile_step(carry, q, qr, c, kr, ok[None, :], scale, cast)
 
-    init = (jnp.zeros((bh, C), jnp.float32), jnp.full((bh,), NEG_INF, jnp.float32), jnp.zeros((bh,), jnp.float32))
-    acc, _, l = jax.lax.fori_loop(0, n_blocks, body, init)
+    acc, _, l = jax.lax.fori_loop(0, n_blocks, body, latent_tile_init(bh, C))
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
 
 
