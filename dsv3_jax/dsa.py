@@ -14,8 +14,12 @@ code rotated interleaved pairs in the indexer too. The official code's Hadamard 
 orthogonal (dot products unchanged) and only matters with FP8 indexer scoring, so this BF16/FP32 path skips it.
 
 Sparse attention is actually sparse: :func:`sparse_latent_attention` gathers each query's k selected latent rows
-(c_kv, k_rope) and attends in latent space (kv_b_proj absorbed), O(T·k) instead of O(T²), a block of queries at
-a time. :func:`masked_dense_attention` is the O(T²) reference it is tested against.
+(c_kv, k_rope) and attends in latent space (kv_b_proj absorbed), O(T·k) instead of O(T²) — on a GPU in the
+gathered flash kernel (:mod:`dsv3_jax.kernels.dsa_attention`), else a block of queries at a time in XLA. The
+backward recomputes each query block (``jax.checkpoint``), so training memory is O(T·k) too: no gathered rows, no
+[T, S] scores kept. The indexer's top-k scores a block of queries against every key at a time (on a GPU in the
+fused kernel of :mod:`dsv3_jax.kernels.dsa_index`). :func:`masked_dense_attention` is the O(T²) reference the
+sparse attention is tested against.
 
 Shapes: B batch, T queries, S keys, H MLA heads, J = n_I indexer heads, D = d_I, k = selected keys per query,
 c = kv_lora, r = qk_rope, n = qk_nope, v = v_head.

@@ -426,13 +426,17 @@ def test_warmup_starts_from_a_v3_checkpoint_with_a_fresh_indexer(tmp_path):
 # ---- serving: latent + indexer key cache ---------------------------------------------------------------------
 
 
-def test_cached_prefill_and_decode_equal_recompute_and_hf():
+@pytest.mark.parametrize("impl", ["auto", pytest.param("pallas", marks=pytest.mark.slow)])
+def test_cached_prefill_and_decode_equal_recompute_and_hf(impl):
     """Chunked prefill (5 + 8 tokens) then one-token absorbed decode over the latent + indexer key cache: every
-    position's logits equal the full forward's and HF's (the top-k among cached slots is the same selection)."""
+    position's logits equal the full forward's and HF's (the top-k among cached slots is the same selection).
+    "pallas": both DSA kernels (interpret mode) over the cache slots; the recompute stays on the XLA path."""
     from dsv3_jax.model import Transformer, init_cache
 
     variables, cfg = load_hf(V32)
     cfg = dataclasses.replace(cfg, dtype="float32")  # as compute_logits runs it
+    full = compute_logits(variables, cfg, np.load(V32 / "tokens.npy"))
+    cfg = dataclasses.replace(cfg, dsa_attention_impl=impl, dsa_index_impl=impl)
     tokens, gold = jnp.asarray(np.load(V32 / "tokens.npy")), np.load(V32 / "logits.npy")
     B, T = tokens.shape
     model = Transformer(cfg)
@@ -451,7 +455,6 @@ def test_cached_prefill_and_decode_equal_recompute_and_hf():
         cache = out.cache
         got.append(np.asarray(out.logits))
     got = np.concatenate(got, 1)
-    full = compute_logits(variables, cfg, np.asarray(tokens))
     np.testing.assert_allclose(got, full, rtol=1e-4, atol=1e-4)
     assert _rel(got, gold) <= 1e-4
 
