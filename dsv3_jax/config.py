@@ -117,6 +117,14 @@ class ModelConfig:
     # Which keys MLA attends to when the indexer exists: sparse = the indexer's top-k (V3.2 inference and sparse
     # training); dense = every causal key (the dense warm-up stage, where only the indexer learns, by its KL).
     index_attention: Literal["sparse", "dense"] = "sparse"
+    # The gathered sparse attention: xla = blocked einsums (each query block recomputed in the backward); pallas =
+    # the gathered flash kernel (dsv3_jax/kernels/dsa_attention.py; backward on the blocked XLA path; interpret
+    # mode off the GPU: tests); auto = pallas on a GPU in bf16 with power-of-two latent widths, else xla.
+    dsa_attention_impl: Literal["auto", "xla", "pallas"] = "auto"
+    # The indexer's scores for the top-k: xla = float32 einsums over a block of queries ([block, J, S] per-head
+    # scores); pallas = the fused kernel (dsv3_jax/kernels/dsa_index.py: dots in `dtype`, BF16 on a GPU, float32
+    # accumulation, causally invisible tiles skipped; interpret mode off the GPU); auto = pallas on a GPU.
+    dsa_index_impl: Literal["auto", "xla", "pallas"] = "auto"
 
     def __post_init__(self) -> None:
         _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
@@ -633,7 +641,8 @@ def model_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     out: dict[str, Any] = ({"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32"} if cfg.uses_dsa
                            else {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"})
     skip = {"rope_scaling", "yarn_only_when_extended", "dtype", "param_dtype", "attention_impl", "moe_impl",
-            "mla_decode_impl", "remat", "fp8", "fp8_pow2_scales", "fp8_weights", "packed_samples", "index_attention"}
+            "mla_decode_impl", "dsa_attention_impl", "dsa_index_impl", "remat", "fp8", "fp8_pow2_scales",
+            "fp8_weights", "packed_samples", "index_attention"}
     if not cfg.uses_dsa:
         skip |= {"index_topk", "index_n_heads", "index_head_dim"}
     for f in dataclasses.fields(cfg):

@@ -14,8 +14,12 @@ code rotated interleaved pairs in the indexer too. The official code's Hadamard 
 orthogonal (dot products unchanged) and only matters with FP8 indexer scoring, so this BF16/FP32 path skips it.
 
 Sparse attention is actually sparse: :func:`sparse_latent_attention` gathers each query's k selected latent rows
-(c_kv, k_rope) and attends in latent space (kv_b_proj absorbed), O(T·k) instead of O(T²), a block of queries at
-a time. :func:`masked_dense_attention` is the O(T²) reference it is tested against.
+(c_kv, k_rope) and attends in latent space (kv_b_proj absorbed), O(T·k) instead of O(T²) — on a GPU in the
+gathered flash kernel (:mod:`dsv3_jax.kernels.dsa_attention`), else a block of queries at a time in XLA. The
+backward recomputes each query block (``jax.checkpoint``), so training memory is O(T·k) too: no gathered rows, no
+[T, S] scores kept. The indexer's top-k scores a block of queries against every key at a time (on a GPU in the
+fused kernel of :mod:`dsv3_jax.kernels.dsa_index`). :func:`masked_dense_attention` is the O(T²) reference the
+sparse attention is tested against.
 
 Shapes: B batch, T queries, S keys, H MLA heads, J = n_I indexer heads, D = d_I, k = selected keys per query,
 c = kv_lora, r = qk_rope, n = qk_nope, v = v_head.
@@ -23,6 +27,7 @@ c = kv_lora, r = qk_rope, n = qk_nope, v = v_head.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -44,6 +49,9 @@ from dsv3_jax.attention import (
     write_stacked,
 )
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.kernels._backend import on_gpu
+from dsv3_jax.kernels.dsa_attention import pallas_fits, sparse_latent_attention_fwd
+from dsv3_jax.kernels.dsa_index import index_scores_kernel
 from dsv3_jax.layers import Linear, dtype_of, linear_args
 
 
@@ -147,9 +155,14 @@ def _sparse_block(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, dtype):
     return jnp.einsum("bhtk,btkc->bthc", probs, ck, preferred_element_type=jnp.float32).astype(dtype)
 
 
-def map_query_blocks(fn, xs: tuple, block: int):
+def map_query_blocks(fn, xs: tuple, block: int, remat: bool = False):
     """Apply ``fn(*xs)`` to ``block`` queries at a time: every array of xs is [B, T, ...]; the outputs (a pytree of
-    [B, T, ...] arrays) are reassembled. T is padded up to a multiple of ``block`` (padded rows are dropped)."""
+    [B, T, ...] arrays) are reassembled. T is padded up to a multiple of ``block`` (padded rows are dropped).
+
+    ``remat``: the backward pass keeps only each block's inputs and recomputes the block (``jax.checkpoint``), so
+    what a block builds — gathered rows [B, block, k, ·], [B, block, S] scores — is never stored for all T.
+    """
+    fn = jax.checkpoint(fn) if remat else fn
     T = xs[0].shape[1]
     if T <= block:
         return fn(*xs)
@@ -166,40 +179,123 @@ def map_query_blocks(fn, xs: tuple, block: int):
     return jax.tree.map(join, jax.lax.map(lambda b: fn(*b), tuple(split(a) for a in xs)))
 
 
-def topk_blocked(ix: IndexerOut, keys: jax.Array, q_pos: jax.Array, k_pos: jax.Array, k: int, block: int = 64
-                 ) -> tuple[jax.Array, jax.Array]:
-    """Each query's top-k causal keys without the full score matrix: ``block`` queries at a time hold
-    [B, block, J, S] scores. keys [B, S, D], q_pos [B, T], k_pos [B, S] → (idx, valid) [B, T, k'] as
-    :func:`select_topk`."""
+def topk_blocked(ix: IndexerOut, keys: jax.Array, q_pos: jax.Array, k_pos: jax.Array, k: int,
+                 block: int | None = None, impl: str = "xla", dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """Each query's top-k causal keys without the full score matrix, ``block`` queries at a time (default 64 for
+    xla, 512 for pallas). keys [B, S, D], q_pos [B, T], k_pos [B, S] → (idx, valid) [B, T, k'] as
+    :func:`select_topk`.
+
+    ``impl`` (ModelConfig.dsa_index_impl): "xla" holds a block's per-head scores [B, block, J, S] in float32;
+    "pallas" computes a block's [B, block, S] scores in the fused kernel of :mod:`dsv3_jax.kernels.dsa_index`
+    with dot operands in ``dtype`` (the model's: BF16 on a GPU) and float32 accumulation (interpret mode off the
+    GPU); "auto": pallas on a GPU, else xla.
+    """
+    if impl not in ("auto", "xla", "pallas"):
+        raise ValueError(f"dsa_index_impl={impl!r}: expected 'auto', 'xla' or 'pallas'")
+    if impl == "auto":
+        impl = "pallas" if on_gpu() and ix.q.shape[-1] >= 16 and ix.q.shape[-1] & (ix.q.shape[-1] - 1) == 0 else "xla"
+    block = block or (512 if impl == "pallas" else 64)
+    sg = jax.lax.stop_gradient  # the selection has no gradient: none is traced through the scoring (or the kernel)
+    ix, keys = IndexerOut(sg(ix.q), sg(ix.k), sg(ix.w)), sg(keys)
+    S = keys.shape[1]
+    if impl == "pallas":
+        bs = 64
+        if S % bs:  # pad once here, not per query block: padded keys sit past every query
+            keys = jnp.pad(keys, ((0, 0), (0, -S % bs), (0, 0)))
+            k_pos = jnp.pad(k_pos, ((0, 0), (0, -S % bs)), constant_values=jnp.iinfo(jnp.int32).max)
+
+        def scores(q, w, qp):
+            return index_scores_kernel(q, w, qp, keys, k_pos, dtype=dtype, block_t=16 if q.shape[1] <= 16 else 64,
+                                       block_s=bs, interpret=not on_gpu())  # (16: decode pads less)
+    else:
+        def scores(q, w, qp):
+            return index_scores(IndexerOut(q, keys, w))
+
     def one(q, w, qp):
-        return select_topk(index_scores(IndexerOut(q, keys, w)), k_pos[:, None, :] <= qp[:, :, None], k)
+        return select_topk(scores(q, w, qp), k_pos[:, None, :] <= qp[:, :, None], k)
 
-    return map_query_blocks(one, (ix.q, ix.w, q_pos), block)
+    idx, valid = map_query_blocks(one, (ix.q, ix.w, q_pos), block)
+    return idx[..., :min(k, S)], valid[..., :min(k, S)]  # (padded keys are never valid: they sort last)
 
 
-def selected_scores(ix: IndexerOut, keys: jax.Array, idx: jax.Array) -> jax.Array:
-    """I(t, s) at the selected keys only: keys [B, S, D], idx [B, T, k] → [B, T, k] float32. O(T·k·J·D)."""
+def selected_scores(ix: IndexerOut, keys: jax.Array, idx: jax.Array, block: int = 256) -> jax.Array:
+    """I(t, s) at the selected keys only: keys [B, S, D], idx [B, T, k] → [B, T, k] float32. O(T·k·J·D).
+
+    ``block`` queries at a time, recomputed in the backward: the gathered keys [B, block, k, D] and the per-head
+    scores [B, block, J, k] exist for one block only (the indexer's KL differentiates through this).
+    """
     D = ix.q.shape[-1]
-    ks = gather_keys(keys.astype(jnp.float32), idx)  # [B, T, k, D]
-    s = jnp.einsum("btjd,btkd->btjk", ix.q, ks, preferred_element_type=jnp.float32)
-    return jnp.einsum("btj,btjk->btk", ix.w, jax.nn.relu(s * D ** -0.5))
+    keys = keys.astype(jnp.float32)
+
+    def one(q, w, i):
+        s = jnp.einsum("btjd,btkd->btjk", q, gather_keys(keys, i), preferred_element_type=jnp.float32)
+        return jnp.einsum("btj,btjk->btk", w, jax.nn.relu(s * D ** -0.5))
+
+    return map_query_blocks(one, (ix.q, ix.w, idx), block, remat=True)
 
 
-def sparse_latent_attention(q_nope, q_rope, c_kv, k_rope, w_kv_b, idx, valid, scale, dtype, block: int = 256):
+def sparse_latent_attention(q_nope, q_rope, c_kv, k_rope, w_kv_b, idx, valid, scale, dtype, block: int = 256,
+                            impl: str = "xla"):
     """MLA over each query's selected keys only, in latent space (kv_b_proj absorbed, REFERENCE §4).
 
     q_nope [B,T,H,n], q_rope [B,T,H,r], c_kv [B,S,c], k_rope [B,S,r], w_kv_b [c,H,n+v], idx/valid [B,T,k]
-    → [B,T,H,v]. Cost O(T·k·H·(c + r)); queries go ``block`` at a time so the gathered rows take
-    B·block·k·(c + r) values, not B·T·k·(c + r).
+    → [B,T,H,v]. Cost O(T·k·H·(c + r)). ``impl`` (ModelConfig.dsa_attention_impl): see :func:`sparse_latent_core`.
     """
     n = q_nope.shape[-1]
     w = w_kv_b.astype(dtype)
     q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w[..., :n], preferred_element_type=jnp.float32).astype(dtype)
-    q_rope = q_rope.astype(dtype)
-    c_kv, k_rope = c_kv.astype(dtype), k_rope.astype(dtype)
-    o_lat = map_query_blocks(lambda q, qr, i, ok: _sparse_block(q, qr, c_kv, k_rope, i, ok, scale, dtype),
-                             (q_lat, q_rope, idx, valid), block)
+    o_lat = sparse_latent_core(q_lat, q_rope.astype(dtype), c_kv.astype(dtype), k_rope.astype(dtype), idx, valid,
+                               scale, dtype, block, impl)
     return jnp.einsum("bthc,chv->bthv", o_lat, w[..., n:], preferred_element_type=jnp.float32).astype(dtype)
+
+
+def sparse_latent_xla(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, dtype, block: int = 256):
+    """The gathered latent attention as XLA ops, ``block`` queries at a time, each block recomputed in the backward.
+
+    q_lat [B,T,H,c] (w_uk absorbed), q_rope [B,T,H,r], c_kv [B,S,c], k_rope [B,S,r], idx/valid [B,T,k]
+    → o_lat [B,T,H,c]. Memory: the gathered rows [B, block, k, c + r] and probabilities [B, H, block, k] of one
+    block; the backward stores only the inputs (O(T·k) indices, O(T·H·c) queries).
+    """
+    return map_query_blocks(lambda q, qr, i, ok: _sparse_block(q, qr, c_kv, k_rope, i, ok, scale, dtype),
+                            (q_lat, q_rope, idx, valid), block, remat=True)
+
+
+def sparse_latent_core(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, dtype, block: int = 256, impl: str = "xla"):
+    """o_lat [B,T,H,c] = softmax over each query's valid selected keys; shapes as :func:`sparse_latent_xla`.
+
+    ``impl``: "xla" (:func:`sparse_latent_xla`), "pallas" (the gathered flash kernel of
+    :mod:`dsv3_jax.kernels.dsa_attention`; its backward is the blocked XLA path; interpret mode off the GPU),
+    "auto" (pallas on a GPU in bf16/f16 with power-of-two latent widths, else xla).
+    """
+    if impl not in ("auto", "xla", "pallas"):
+        raise ValueError(f"dsa_attention_impl={impl!r}: expected 'auto', 'xla' or 'pallas'")
+    if impl == "auto":
+        impl = "pallas" if on_gpu() and pallas_fits(q_lat, q_rope, idx) else "xla"
+    if impl == "pallas":
+        return sparse_latent_pallas(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, block)
+    return sparse_latent_xla(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, dtype, block)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def sparse_latent_pallas(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, block: int = 256):
+    """:func:`sparse_latent_xla` with the forward in the gathered flash kernel (interpret mode off the GPU) and the
+    backward on the blocked XLA path (recomputing each block: no residuals beyond the inputs). Shapes as there."""
+    return sparse_latent_attention_fwd(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, interpret=not on_gpu())
+
+
+def _pallas_fwd(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, block):
+    return sparse_latent_pallas(q_lat, q_rope, c_kv, k_rope, idx, valid, scale, block), (q_lat, q_rope, c_kv,
+                                                                                         k_rope, idx, valid)
+
+
+def _pallas_bwd(scale, block, res, g):
+    q_lat, q_rope, c_kv, k_rope, idx, valid = res
+    _, vjp = jax.vjp(lambda q, qr, c, kr: sparse_latent_xla(q, qr, c, kr, idx, valid, scale, q_lat.dtype, block),
+                     q_lat, q_rope, c_kv, k_rope)
+    return (*vjp(g), None, None)
+
+
+sparse_latent_pallas.defvjp(_pallas_fwd, _pallas_bwd)
 
 
 def head_mean_probs(q_nope, q_rope, c_kv, k_rope, w_uk, mask, scale) -> jax.Array:
@@ -272,8 +368,10 @@ class DSA(nn.Module):
             if c.index_attention == "dense":
                 out = masked_dense_attention(inp.q_nope, inp.q_rope, c_kv, k_rope, w, mask, scale, dt)
             else:
-                idx, valid = topk_blocked(ix, view.k_index, positions, slots, c.index_topk)
-                out = sparse_latent_attention(inp.q_nope, inp.q_rope, c_kv, k_rope, w, idx, valid, scale, dt)
+                idx, valid = topk_blocked(ix, view.k_index, positions, slots, c.index_topk, impl=c.dsa_index_impl,
+                                          dtype=dt)
+                out = sparse_latent_attention(inp.q_nope, inp.q_rope, c_kv, k_rope, w, idx, valid, scale, dt,
+                                              impl=c.dsa_attention_impl)
             return o_proj(c, out), cache, {}
         if c.index_attention == "dense":  # the warm-up: O(T²) by design (the KL is over every causal key)
             causal = causal_mask(positions, positions)
@@ -284,19 +382,26 @@ class DSA(nn.Module):
             aux = {"indexer_kl": indexer_kl(p, scores, causal),
                    "topk_mass": jnp.mean(jnp.sum(jnp.where(valid, jnp.take_along_axis(p, idx, -1), 0.0), -1))}
         else:  # never a [T, T] array: blocked top-k, gathered attention, KL over the selected keys
-            idx, valid = topk_blocked(ix, ix.k, positions, positions, c.index_topk)
-            out = sparse_latent_attention(inp.q_nope, inp.q_rope, inp.c_kv, inp.k_rope, w, idx, valid, scale, dt)
+            idx, valid = topk_blocked(ix, ix.k, positions, positions, c.index_topk, impl=c.dsa_index_impl, dtype=dt)
+            out = sparse_latent_attention(inp.q_nope, inp.q_rope, inp.c_kv, inp.k_rope, w, idx, valid, scale, dt,
+                                          impl=c.dsa_attention_impl)
             p = _selected_head_mean(inp.q_nope, inp.q_rope, inp.c_kv, inp.k_rope, w[..., :n], idx, valid, scale)
             aux = {"indexer_kl": indexer_kl(p, selected_scores(ix, ix.k, idx), valid),
                    "topk_mass": jnp.full((), jnp.nan, jnp.float32)}
         return o_proj(c, out), None, aux
 
 
-def _selected_head_mean(q_nope, q_rope, c_kv, k_rope, w_uk, idx, valid, scale) -> jax.Array:
-    """Head-mean attention over each query's selected keys, float32, no gradient → [B, T, k]."""
+def _selected_head_mean(q_nope, q_rope, c_kv, k_rope, w_uk, idx, valid, scale, block: int = 256) -> jax.Array:
+    """Head-mean attention over each query's selected keys, float32, no gradient → [B, T, k]; ``block`` queries at
+    a time (the gathered rows and [B, H, block, k] probabilities of one block only)."""
     f = jnp.float32
-    q_lat = jnp.einsum("bthn,chn->bthc", q_nope.astype(f), w_uk.astype(f))
-    ck, kr = gather_keys(c_kv.astype(f), idx), gather_keys(k_rope.astype(f), idx)
-    s = jnp.einsum("bthc,btkc->bhtk", q_lat, ck) + jnp.einsum("bthr,btkr->bhtk", q_rope.astype(f), kr)
-    probs = jax.nn.softmax(jnp.where(valid[:, None], s * scale, NEG_INF), axis=-1)
-    return jax.lax.stop_gradient(probs.mean(axis=1))
+    sg = jax.lax.stop_gradient
+    q_lat = jnp.einsum("bthn,chn->bthc", sg(q_nope).astype(f), sg(w_uk).astype(f))
+    c_kv, k_rope = sg(c_kv).astype(f), sg(k_rope).astype(f)
+
+    def one(q, qr, i, ok):
+        ck, kr = gather_keys(c_kv, i), gather_keys(k_rope, i)
+        s = jnp.einsum("bthc,btkc->bhtk", q, ck) + jnp.einsum("bthr,btkr->bhtk", qr, kr)
+        return jax.nn.softmax(jnp.where(ok[:, None], s * scale, NEG_INF), axis=-1).mean(axis=1)
+
+    return map_query_blocks(one, (q_lat, sg(q_rope).astype(f), idx, valid), block)

@@ -33,3 +33,20 @@ def test_flops_formula_matches_the_hf_peers_count():
     assert m.num_hidden_layers == 13
     assert round(flops_per_token(m, 4096) / 1e9, 2) == 6.88
     assert "6·1.010e9" in flops_formula(m, 4096) and flops_formula(m, 4096).endswith("6.88 GFLOP")
+
+
+def test_dsa_bench_reports_a_failed_cell_and_goes_on():
+    """bench/dsa.py: a measurement that runs out of memory becomes an "OOM" cell of the markdown table (the long
+    lengths must not end the run); the table's tokens/s are tokens over the measured time."""
+    from bench import dsa
+
+    def oom():
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 170.00GiB")
+
+    assert dsa._guarded(oom, iters=1) == "OOM"
+    assert dsa._guarded(lambda: 1 / 0, iters=1).startswith("error: ZeroDivisionError")
+    row = {"T": 65536, "mla_fwd_ms": 100.0, "dsa_fwd_ms": "OOM", "indexer_fwd_ms": "OOM", "mla_fwd_bwd_ms": 400.0,
+           "dsa_fwd_bwd_ms": "OOM", "mla_decode_ms": 2.0, "dsa_decode_ms": 4.0}
+    line = dsa.markdown([row], "test", "auto").splitlines()[-1]
+    assert line == ("| 65,536 | 655,360 (100.0 ms) | OOM | – | 163,840 (400.0 ms) | OOM | 500 (2.0 ms) | "
+                    "250 (4.0 ms) |")

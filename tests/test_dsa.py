@@ -66,6 +66,16 @@ def test_v32_logits_match_hf(fixture, fp8_weights):
     assert _rel(got, np.load(d / "logits.npy")) <= 1e-4
 
 
+@pytest.mark.slow
+def test_v32_logits_match_hf_with_the_kernels():
+    """Both DSA kernels in the model (Pallas interpret mode on CPU, float32 operands): the indexer's fused scoring
+    picks the same keys and the gathered flash attention gives HF's logits, as the XLA path does."""
+    variables, cfg = load_hf(V32)
+    cfg = dataclasses.replace(cfg, dsa_attention_impl="pallas", dsa_index_impl="pallas")
+    got = compute_logits(variables, cfg, np.load(V32 / "tokens.npy"))
+    assert _rel(got, np.load(V32 / "logits.npy")) <= 1e-4
+
+
 def test_v32_logits_cli_and_convert_round_trip(tmp_path):
     out = tmp_path / "logits.npy"
     assert logits.main(["--hf-dir", str(V32), "--tokens", str(V32 / "tokens.npy"), "--out", str(out)]) == 0
@@ -124,8 +134,46 @@ def test_index_scores_and_topk_match_numpy():
                                np.take_along_axis(got, np.asarray(idx), -1), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("T,block", [(20, 256), (37, 8)])  # one block; several blocks with a padded tail
-def test_sparse_attention_equals_masked_dense(T, block):
+def test_index_kernel_equals_xla_scores_and_selection():
+    """The fused indexer kernel (Pallas interpret mode; 16×16 tiles over 37 queries × 37 keys: padded edges and
+    skipped causally invisible tiles). Float32 operands: the XLA path's scores up to summation order (rtol 1e-5) on
+    every visible (t, s), the same top-k. BF16 operands (the GPU default): within the bound rounding q and k to
+    bf16 allows — each product q_i·k_i moves by ≤ 2·2⁻⁹ relative (plus 2⁻¹⁶), so |ΔI| ≤ Σ_j |w_j| · D^-0.5 ·
+    Σ_i |q_ji k_i| · 2⁻⁸ (ReLU is 1-Lipschitz; f32 accumulation adds ~1e-6 relative)."""
+    from dsv3_jax.kernels.dsa_index import index_scores_kernel
+
+    rng = np.random.default_rng(5)
+    B, T, J, D, K = 2, 37, 3, 16, 6
+    ix = _indexer_out(rng, B, T, J, D)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    causal = np.asarray(pos[:, None, :] <= pos[:, :, None])
+    ref = np.asarray(index_scores(ix))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        got = np.asarray(index_scores_kernel(ix.q, ix.w, pos, ix.k, pos, dtype=dtype, block_t=16, block_s=16,
+                                             interpret=True))
+        if dtype == jnp.float32:
+            np.testing.assert_allclose(np.where(causal, got, 0), np.where(causal, ref, 0), rtol=1e-5, atol=1e-6)
+        else:
+            q, k, w = (np.asarray(a, np.float64) for a in ix)
+            bound = np.einsum("btj,btjs->bts", np.abs(w), np.einsum("btjd,bsd->btjs", np.abs(q), np.abs(k))) / np.sqrt(D)
+            assert np.all(np.abs(got - ref)[causal] <= (bound * 2 ** -8 + 1e-5)[causal])
+    idx, valid = topk_blocked(ix, ix.k, pos, pos, K, block=8)
+    pidx, pvalid = topk_blocked(ix, ix.k, pos, pos, K, block=8, impl="pallas", dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(pvalid), np.asarray(valid))
+    np.testing.assert_array_equal(np.where(pvalid, pidx, -1), np.where(valid, idx, -1))
+
+    # Training differentiates around the selection (the KL at the selected keys): no tangent enters the kernel.
+    def kl_like(q):
+        i, ok = topk_blocked(IndexerOut(q, ix.k, ix.w), ix.k, pos, pos, K, block=8, impl="pallas")
+        return jnp.where(ok, selected_scores(IndexerOut(q, ix.k, ix.w), ix.k, i), 0.0).sum()
+
+    assert np.isfinite(np.asarray(jax.grad(kl_like)(ix.q))).all()
+
+
+@pytest.mark.parametrize("T,block,impl", [(20, 256, "xla"), (37, 8, "xla"), (37, 8, "pallas")])
+def test_sparse_attention_equals_masked_dense(T, block, impl):
+    """One block; several blocks with a padded tail; the gathered flash kernel (Pallas interpret mode on CPU;
+    5 selected keys in blocks of 64 → one block padded with skipped entries), whose backward is the XLA path's."""
     rng = np.random.default_rng(1)
     B, H, n, r, v, c, K = 2, 3, 8, 4, 6, 16, 5
 
@@ -136,17 +184,73 @@ def test_sparse_attention_equals_masked_dense(T, block):
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
     causal = pos[:, None, :] <= pos[:, :, None]
     idx, valid = select_topk(a(B, T, T), causal, K)
-    got = sparse_latent_attention(q_nope, q_rope, c_kv, k_rope, w, idx, valid, 0.3, jnp.float32, block=block)
-    ref = masked_dense_attention(q_nope, q_rope, c_kv, k_rope, w, causal & selection_mask(idx, valid, T), 0.3,
-                                 jnp.float32)
-    # Same math, absorbed vs up-projected (float32 reassociation only).
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-5)
-    # Gradients agree too (the training path differentiates through the gather).
-    gs = jax.grad(lambda x: sparse_latent_attention(q_nope, q_rope, x, k_rope, w, idx, valid, 0.3, jnp.float32,
-                                                    block=block).sum())(c_kv)
-    gd = jax.grad(lambda x: masked_dense_attention(q_nope, q_rope, x, k_rope, w,
-                                                   causal & selection_mask(idx, valid, T), 0.3, jnp.float32).sum())(c_kv)
-    np.testing.assert_allclose(np.asarray(gs), np.asarray(gd), rtol=1e-4, atol=1e-4)
+    mask = causal & selection_mask(idx, valid, T)
+
+    def sparse(*x):
+        return sparse_latent_attention(*x, w, idx, valid, 0.3, jnp.float32, block=block, impl=impl)
+
+    def dense(*x):
+        return masked_dense_attention(*x, w, mask, 0.3, jnp.float32)
+
+    args = (q_nope, q_rope, c_kv, k_rope)
+    # Same math, absorbed vs up-projected, one-pass vs online softmax: float32 reassociation only (~1e-6 here).
+    np.testing.assert_allclose(np.asarray(sparse(*args)), np.asarray(dense(*args)), rtol=1e-4, atol=1e-5)
+    # Gradients agree too, for every input (the training path differentiates through the gather).
+    gs = jax.grad(lambda *x: sparse(*x).sum(), argnums=(0, 1, 2, 3))(*args)
+    gd = jax.grad(lambda *x: dense(*x).sum(), argnums=(0, 1, 2, 3))(*args)
+    for got, ref in zip(gs, gd, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_attention_kernel_bf16_matches_xla_path():
+    """BF16 operands (the GPU case; interpret mode casts the dots' operands to f32, and bf16 products are exact in
+    f32, as on the tensor cores). The kernel rounds its unnormalised probabilities exp(s − m_running) to bf16 and
+    divides at the end; the XLA path rounds the normalised ones: each weight differs by ≤ 2·2⁻⁹ relative, the
+    output rounding adds 2⁻⁹ relative per path, so |Δo| ≤ (2·2⁻⁹ + 2·2⁻⁹) · max|c_kv| per element."""
+    from dsv3_jax.dsa import sparse_latent_pallas, sparse_latent_xla
+
+    rng = np.random.default_rng(6)
+    B, T, H, c, r, K = 1, 24, 4, 32, 16, 9
+
+    def a(*s):
+        return jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+
+    q, qr, ck, kr = a(B, T, H, c), a(B, T, H, r), a(B, T, c), a(B, T, r)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    idx, valid = select_topk(jnp.asarray(rng.standard_normal((B, T, T)), jnp.float32),
+                             pos[:, None, :] <= pos[:, :, None], K)
+    got = np.asarray(sparse_latent_pallas(q, qr, ck, kr, idx, valid, 0.1, 8), np.float32)
+    ref = np.asarray(sparse_latent_xla(q, qr, ck, kr, idx, valid, 0.1, jnp.bfloat16, 8), np.float32)
+    assert np.abs(got - ref).max() <= 4 * 2 ** -9 * float(jnp.abs(ck.astype(jnp.float32)).max())
+
+
+def test_sparse_training_memory_is_linear_in_T():
+    """XLA's compiled memory analysis (CPU) of one DSA layer's forward + backward, sparse mode, top-64: the scratch
+    memory grows ~linearly with T and stays far below one [T, T] float32 matrix (never stored: the indexer scores
+    [block, S] and the gathered rows [block, k, ·] of one query block at a time, recomputed in the backward).
+    Measured (jax 0.12.1): 4096 → 8192 tokens take 16.9 → 33.7 MiB, ~64 bytes per (query, selected key): indices,
+    the selected scores and head-mean probabilities of the KL (a [T, T] f32 matrix at 8192 is 256 MiB; before the
+    blocks were rematerialised 76.6 → 153 MiB: the gathered latent rows of every block kept for the backward)."""
+    from dsv3_jax.dsa import DSA
+
+    cfg = tiny_config(index_topk=64, index_n_heads=2, index_head_dim=16, num_attention_heads=2, hidden_size=32,
+                      max_position_embeddings=16384, dsa_attention_impl="xla")
+    layer = DSA(cfg)
+
+    def temp_bytes(T):
+        x = jax.ShapeDtypeStruct((1, T, cfg.hidden_size), jnp.float32)
+        pos = jnp.arange(T, dtype=jnp.int32)[None]
+        v = jax.eval_shape(lambda x: layer.init(jax.random.key(0), x, pos), x)
+
+        def loss(v, x):
+            out, _, aux = layer.apply(v, x, pos)
+            return out.sum() + aux["indexer_kl"]
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(v, x).compile().memory_analysis().temp_size_in_bytes
+
+    small, big = temp_bytes(4096), temp_bytes(8192)
+    assert big < 2.2 * small, (small, big)  # linear: ≤ 2× (+ fixed per-block buffers); quadratic: ~4×
+    assert big < 8192 * 8192 * 4 / 4, big
 
 
 # ---- config ---------------------------------------------------------------------------------------------------
@@ -284,16 +388,55 @@ def test_tiny_warmup_then_sparse_stage(tmp_path):
     assert np.mean(ce[-5:]) < 0.8 * np.mean(ce[:5]) and all(np.isfinite(r["indexer_kl"]) for r in rows), ce
 
 
+@pytest.mark.slow
+def test_warmup_starts_from_a_v3_checkpoint_with_a_fresh_indexer(tmp_path):
+    """The paper's recipe starts the dense warm-up from a V3 checkpoint: train.init_from on a V3 params checkpoint
+    (no indexer) with the tiny warm-up config gives a V3.2 model with the V3 weights and a fresh indexer; the
+    warm-up then trains the indexer only (KL falls) and every V3 weight ends exactly as loaded."""
+    import json
+
+    from dsv3_jax.config import load_config
+    from dsv3_jax.params_io import save_variables
+    from dsv3_jax.training.checkpoint import restore_params
+    from dsv3_jax.training.init_from import resolve_config
+    from dsv3_jax.training.loop import train
+    from tests.common import random_variables
+    from tests.test_training import data_fns
+
+    overrides = [*SHRINK, "train.steps=20", f"run_dir={tmp_path / 'run'}"]
+    cfg = load_config(FIXTURES.parent.parent / "configs" / "tiny_v32_warmup.yaml", overrides)
+    v3 = dataclasses.replace(cfg.model, index_topk=None)  # the same widths, no indexer: a V3 model
+    v3_vars = random_variables(v3, seed=7)
+    save_variables(tmp_path / "v3", v3_vars, v3)
+    cfg, src = resolve_config(load_config(FIXTURES.parent.parent / "configs" / "tiny_v32_warmup.yaml",
+                                          [*overrides, f"train.init_from={tmp_path / 'v3'}"]))
+    assert src.kind == "params" and not src.model.uses_dsa
+    assert cfg.model == dataclasses.replace(v3, index_topk=8, index_n_heads=2, index_head_dim=16,
+                                            index_attention="dense")
+    train(cfg, *data_fns(cfg))
+    kl = [json.loads(x)["indexer_kl"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert kl[-1] < 0.7 * kl[0], kl
+    end, _ = restore_params(tmp_path / "run" / "checkpoints")
+    flat = {jax.tree_util.keystr(p): a for p, a in jax.tree_util.tree_flatten_with_path(end["params"])[0]}
+    for path, a in jax.tree_util.tree_flatten_with_path(v3_vars["params"])[0]:
+        np.testing.assert_array_equal(flat.pop(jax.tree_util.keystr(path)), a)  # V3 weights: loaded, frozen
+    assert flat and all("indexer" in k for k in flat)  # what is left is the (fresh, trained) indexer
+
+
 # ---- serving: latent + indexer key cache ---------------------------------------------------------------------
 
 
-def test_cached_prefill_and_decode_equal_recompute_and_hf():
+@pytest.mark.parametrize("impl", ["auto", pytest.param("pallas", marks=pytest.mark.slow)])
+def test_cached_prefill_and_decode_equal_recompute_and_hf(impl):
     """Chunked prefill (5 + 8 tokens) then one-token absorbed decode over the latent + indexer key cache: every
-    position's logits equal the full forward's and HF's (the top-k among cached slots is the same selection)."""
+    position's logits equal the full forward's and HF's (the top-k among cached slots is the same selection).
+    "pallas": both DSA kernels (interpret mode) over the cache slots; the recompute stays on the XLA path."""
     from dsv3_jax.model import Transformer, init_cache
 
     variables, cfg = load_hf(V32)
     cfg = dataclasses.replace(cfg, dtype="float32")  # as compute_logits runs it
+    full = compute_logits(variables, cfg, np.load(V32 / "tokens.npy"))
+    cfg = dataclasses.replace(cfg, dsa_attention_impl=impl, dsa_index_impl=impl)
     tokens, gold = jnp.asarray(np.load(V32 / "tokens.npy")), np.load(V32 / "logits.npy")
     B, T = tokens.shape
     model = Transformer(cfg)
@@ -312,7 +455,6 @@ def test_cached_prefill_and_decode_equal_recompute_and_hf():
         cache = out.cache
         got.append(np.asarray(out.logits))
     got = np.concatenate(got, 1)
-    full = compute_logits(variables, cfg, np.asarray(tokens))
     np.testing.assert_allclose(got, full, rtol=1e-4, atol=1e-4)
     assert _rel(got, gold) <= 1e-4
 

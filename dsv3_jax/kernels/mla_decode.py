@@ -38,6 +38,29 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def latent_tile_init(bh: int, C: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The online softmax's start: accumulator [bh, C] f32 zeros, running max −inf, running sum 0 ([bh] f32)."""
+    return jnp.zeros((bh, C), jnp.float32), jnp.full((bh,), NEG_INF, jnp.float32), jnp.zeros((bh,), jnp.float32)
+
+
+def latent_tile_step(carry, q, qr, c, kr, visible, scale: float, cast):
+    """One online-softmax step of latent attention over a tile of cache rows (inside a Pallas/Triton kernel).
+
+    carry (acc [bh, C] f32, running max [bh], running sum [bh]); q [bh, C], qr [bh, R] (already cast), c [bt, C]
+    and kr [bt, R] the tile's latent rows (also the values), visible [bh, bt] bool → the updated carry.
+    Probabilities are cast to c's dtype for the value dot; ``cast`` maps dot operands (interpret mode: f32).
+    """
+    acc, m_prev, l_prev = carry
+    s = plgpu.dot(q, cast(c), trans_b=True) + plgpu.dot(qr, cast(kr), trans_b=True)  # [bh, bt] f32
+    s = jnp.where(visible, s * scale, NEG_INF)
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    alpha = jnp.exp(m_prev - m_new)
+    p = jnp.exp(s - m_new[:, None])
+    l_new = alpha * l_prev + jnp.sum(p, axis=1)
+    acc = alpha[:, None] * acc + plgpu.dot(cast(p.astype(c.dtype)), cast(c))  # [bh, C] f32
+    return acc, m_new, l_new
+
+
 def _kernel(q_ref, qr_ref, pos_ref, c_ref, kr_ref, o_ref, m_ref, l_ref, *, scale: float, block_s: int,
             split_len: int, seq_len: int, dot_dtype: jnp.dtype | None):
     """One (row b, query block i, split j) program.
@@ -66,18 +89,10 @@ def _kernel(q_ref, qr_ref, pos_ref, c_ref, kr_ref, o_ref, m_ref, l_ref, *, scale
         inside = slots < seq_len
         c = plgpu.load(c_ref.at[pl.ds(start, block_s), :], mask=inside[:, None], other=0.0)  # [bs, C]
         kr = plgpu.load(kr_ref.at[pl.ds(start, block_s), :], mask=inside[:, None], other=0.0)  # [bs, R]
-        s = plgpu.dot(q, cast(c), trans_b=True) + plgpu.dot(qr, cast(kr), trans_b=True)  # [bh, bs] f32
         visible = (slots[None, :] <= pos[:, None]) & inside[None, :]
-        s = jnp.where(visible, s * scale, NEG_INF)
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        alpha = jnp.exp(m_prev - m_new)
-        p = jnp.exp(s - m_new[:, None])
-        l_new = alpha * l_prev + jnp.sum(p, axis=1)
-        acc = alpha[:, None] * acc + plgpu.dot(cast(p.astype(c.dtype)), cast(c))  # [bh, C] f32
-        return acc, m_new, l_new
+        return latent_tile_step((acc, m_prev, l_prev), q, qr, c, kr, visible, scale, cast)
 
-    init = (jnp.zeros((bh, C), jnp.float32), jnp.full((bh,), NEG_INF, jnp.float32), jnp.zeros((bh,), jnp.float32))
-    acc, m, l = jax.lax.fori_loop(0, n_blocks, body, init)
+    acc, m, l = jax.lax.fori_loop(0, n_blocks, body, latent_tile_init(bh, C))
     o_ref[...] = acc
     m_ref[...] = m
     l_ref[...] = l

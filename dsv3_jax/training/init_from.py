@@ -27,8 +27,13 @@ import jax.numpy as jnp
 from dsv3_jax.config import Config, ConfigError, DataConfig, ModelConfig, load_config
 
 # Model keys that are how the run computes, not what the weights are: the run's YAML decides them.
-RUNTIME_KEYS = frozenset({"dtype", "param_dtype", "attention_impl", "moe_impl", "mla_decode_impl", "remat", "fp8",
-                          "fp8_pow2_scales", "fp8_weights", "packed_samples"})
+# index_attention is the V3.2 training stage (dense warm-up or sparse), not a property of the weights.
+RUNTIME_KEYS = frozenset({"dtype", "param_dtype", "attention_impl", "moe_impl", "mla_decode_impl", "dsa_attention_impl",
+                          "dsa_index_impl", "remat", "fp8", "fp8_pow2_scales", "fp8_weights", "packed_samples",
+                          "index_attention"})
+# The V3.2 indexer's shape: a config that sets index_topk over a V3 source (no indexer) upgrades it to V3.2 with a
+# freshly initialised indexer (the paper's recipe: the dense warm-up starts from a V3.1 checkpoint).
+INDEXER_KEYS = ("index_topk", "index_n_heads", "index_head_dim")
 
 Kind = Literal["run", "params", "hf"]
 
@@ -97,22 +102,25 @@ def inspect_source(path: str | Path) -> Source:
 def resolve_config(cfg: Config) -> tuple[Config, Source | None]:
     """``cfg`` with the model section of ``train.init_from`` (and its tokenizer unless ``data.tokenizer`` is set).
 
-    Architecture keys the YAML/CLI set (any value other than ModelConfig's default) must equal the source's.
-    Returns (cfg, None) when ``train.init_from`` is unset.
+    Architecture keys the YAML/CLI set (any value other than ModelConfig's default) must equal the source's, except
+    the indexer's (:data:`INDEXER_KEYS`) over a source without one: V3 → V3.2, the indexer initialised fresh by
+    :func:`initialize_from`. Returns (cfg, None) when ``train.init_from`` is unset.
     """
     if not cfg.train.init_from:
         return cfg, None
     src = inspect_source(cfg.train.init_from)
     default = ModelConfig()
+    upgrade = cfg.model.uses_dsa and not src.model.uses_dsa  # V3 weights + a fresh V3.2 indexer
+    own = RUNTIME_KEYS | (set(INDEXER_KEYS) if upgrade else set())
     clash = [f"model.{f.name}: config {getattr(cfg.model, f.name)!r}, checkpoint {getattr(src.model, f.name)!r}"
              for f in dataclasses.fields(ModelConfig)
-             if f.name not in RUNTIME_KEYS and getattr(cfg.model, f.name) != getattr(default, f.name)
+             if f.name not in own and getattr(cfg.model, f.name) != getattr(default, f.name)
              and getattr(cfg.model, f.name) != getattr(src.model, f.name)]
     if clash:
         raise ConfigError(f"train.init_from={cfg.train.init_from}: the config's architecture disagrees with the "
                           f"checkpoint's ({'; '.join(clash)}). Drop these keys (the model comes from the checkpoint) "
                           f"or point init_from at a matching checkpoint.")
-    runtime = {k: getattr(cfg.model, k) for k in RUNTIME_KEYS}
+    runtime = {k: getattr(cfg.model, k) for k in own}
     if src.kind == "hf" and src.model.fp8_pow2_scales:  # V3.1's ue8m0 scales: keep them in FP8 training
         runtime["fp8_pow2_scales"] = True
     model = dataclasses.replace(src.model, **runtime)
@@ -158,9 +166,12 @@ def load_source_variables(src: Source, model: ModelConfig) -> dict[str, Any]:
 def initialize_from(state, src: Source, model: ModelConfig):
     """``state`` (a fresh TrainState) with the source's params and router, on the state's own shardings.
 
-    Shapes must match leaf for leaf (they do when the model came from :func:`resolve_config`).
+    Shapes must match leaf for leaf (they do when the model came from :func:`resolve_config`). A V3 source for a
+    V3.2 model (``model`` has the indexer, the source does not) keeps the state's freshly initialised indexer.
     """
     variables = load_source_variables(src, model)
+    if model.uses_dsa and not src.model.uses_dsa:
+        variables["params"] = _with_fresh_indexer(variables["params"], state.params, src)
 
     def put(path, new, old):
         if tuple(new.shape) != tuple(old.shape):
@@ -175,3 +186,23 @@ def initialize_from(state, src: Source, model: ModelConfig):
         raise ConfigError(f"train.init_from={src.path}: the checkpoint's parameters do not match the model ({e})"
                           ) from None
     return state._replace(params=params, router=router)
+
+
+def _with_fresh_indexer(source: dict, fresh: dict, src: Source) -> dict:
+    """``fresh``'s structure: every leaf from ``source``, except the indexer's (absent there), which stay fresh."""
+    have = {jax.tree_util.keystr(p): a for p, a in jax.tree_util.tree_flatten_with_path(source)[0]}
+    used = set()
+
+    def pick(path, init):
+        key = jax.tree_util.keystr(path)
+        if key in have:
+            used.add(key)
+            return have[key]
+        if any(getattr(k, "key", None) == "indexer" for k in path):
+            return init
+        raise ConfigError(f"train.init_from={src.path}: the checkpoint has no parameter {key}")
+
+    out = jax.tree_util.tree_map_with_path(pick, fresh)
+    if extra := sorted(set(have) - used):
+        raise ConfigError(f"train.init_from={src.path}: the checkpoint's parameters {extra[:3]} are not in the model")
+    return out
