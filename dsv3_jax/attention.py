@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax import rope
+from dsv3_jax import rope, tokens
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kernels import causal_attention
 from dsv3_jax.kernels._backend import on_gpu
@@ -215,7 +215,8 @@ def causal_naive(c: ModelConfig, q_nope, q_rope, c_kv, k_rope, kv_b: Linear, sca
     # the small latent is gathered and up-projected, not the H-times-wider keys and values.
     c_kv = logical(c_kv, ("activation_batch", "activation_kv_length", None))
     k_rope = logical(k_rope, ("activation_batch", "activation_kv_length", None))
-    kv = kv_b(c_kv)  # [B, T, H, n + v]
+    with tokens.whole_sequences():  # its rows are the gathered whole sequences (dsv3_jax/tokens.py)
+        kv = kv_b(c_kv)  # [B, T, H, n + v]
     k = jnp.concatenate([kv[..., :n], jnp.broadcast_to(k_rope[:, :, None], (*kv.shape[:3], r))], -1)
     return causal_attention(jnp.concatenate([q_nope, q_rope], -1), k, kv[..., n:], scale, c.attention_impl,
                             k_start)

@@ -22,6 +22,24 @@ _LAYOUT: contextvars.ContextVar[tuple[Callable, Callable] | None] = contextvars.
                                                                                           default=None)
 
 
+_WHOLE: contextvars.ContextVar[bool] = contextvars.ContextVar("whole_sequences", default=False)
+
+
+@contextlib.contextmanager
+def whole_sequences():
+    """Within: the [B, T] activations being flattened hold whole sequences on each device (attention's gathered
+    keys and values), so their rows are a plain reshape whatever the layout (and split over the batch axes only)."""
+    token = _WHOLE.set(True)
+    try:
+        yield
+    finally:
+        _WHOLE.reset(token)
+
+
+def in_whole_sequences() -> bool:
+    return _WHOLE.get()
+
+
 @contextlib.contextmanager
 def layout_override(flatten: Callable, unflatten: Callable):
     """While active, :func:`flatten` / :func:`unflatten` use these (a parallel strategy's row order)."""
@@ -34,11 +52,11 @@ def layout_override(flatten: Callable, unflatten: Callable):
 
 def flatten(x: jax.Array) -> jax.Array:
     """x [B, T, ...] → token rows [B·T, ...] (the order is the installed layout's; a reshape by default)."""
-    layout = _LAYOUT.get()
+    layout = None if _WHOLE.get() else _LAYOUT.get()
     return layout[0](x) if layout is not None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
 def unflatten(y: jax.Array, B: int, T: int) -> jax.Array:
     """Inverse of :func:`flatten`: rows [B·T, ...] → [B, T, ...]."""
-    layout = _LAYOUT.get()
+    layout = None if _WHOLE.get() else _LAYOUT.get()
     return layout[1](y, B, T) if layout is not None else y.reshape(B, T, *y.shape[1:])

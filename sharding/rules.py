@@ -59,7 +59,10 @@ def token_axes(rules=None) -> tuple[str, ...]:
     sequence is split, rows are ordered [P, B, T/P] (sharding/partition.py: sequence_split_layout)."""
     import flax.linen as nn
 
-    spec = nn.logical_to_mesh_axes(("activation_length", "activation_batch"), rules)
+    from dsv3_jax import tokens
+
+    names = ("activation_batch",) if tokens.in_whole_sequences() else ("activation_length", "activation_batch")
+    spec = nn.logical_to_mesh_axes(names, rules)
     return tuple(a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry))
 
 

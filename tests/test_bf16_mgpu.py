@@ -136,10 +136,14 @@ def test_bad_shapes_raise():
 def test_kernel_tiling_from_env(monkeypatch):
     monkeypatch.delenv("DSV3_BF16_WGRAD", raising=False)
     monkeypatch.delenv("DSV3_BF16_FWD", raising=False)
-    assert kernel_tiling("wgrad", 1024) == {"tile_n": 64, "tile_k": 64, "max_concurrent_steps": 3,
-                                            "groups_per_item": 0}
+    monkeypatch.delenv("DSV3_BF16_DGRAD", raising=False)
+    # the H100 sweep's winners (bench/results/2026-12-07-s7/bf16_sweep.log)
+    assert kernel_tiling("wgrad", 1024) == {"tile_n": 128, "tile_k": 128, "max_concurrent_steps": 2,
+                                            "groups_per_item": 4}
+    assert kernel_tiling("dgrad", 1024, 2048) == {"tile_n": 128, "tile_k": 128, "max_concurrent_steps": 2}
+    assert kernel_tiling("dgrad", 1024, 64)["tile_k"] == 64  # a contraction shorter than the deep step
     assert kernel_tiling("fwd", 1024) == {"tile_n": 128, "tile_k": 64, "max_concurrent_steps": 3}
-    monkeypatch.setenv("DSV3_BF16_WGRAD", "tile_n=64, steps=4,gpi=1")
+    monkeypatch.setenv("DSV3_BF16_WGRAD", "tile_n=64, steps=4,gpi=1,tile_k=64")
     assert kernel_tiling("wgrad", 1024) == {"tile_n": 64, "tile_k": 64, "max_concurrent_steps": 4,
                                             "groups_per_item": 1}
     monkeypatch.setenv("DSV3_BF16_FWD", "gpi=1")  # the forward has no group chunks

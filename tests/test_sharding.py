@@ -239,16 +239,21 @@ def test_fp8_train_steps_on_a_mesh_match_one_device(fp8_single_device_run, mesh_
     loss is equal to float32 reassociation. The experts' Wgrad quantises the gradient in 128-token column tiles
     of each expert's rows, and an expert shard holds its rows in a different order (blocks by source device), so
     those tiles group other tokens: an FP8 rounding difference of a few percent in the expert weights' gradients,
-    which Adam can turn into a different sign of a small gradient's step, i.e. up to 2·lr = 2e-3 on a parameter
-    after 3 steps (the bound on params); the losses after it move by < 1e-3 relative (measured with train.py on
-    configs/tiny.yaml, 10 steps: 2.6e-4). A wrong gradient term moves the loss by far more."""
+    which Adam can turn into a different sign of a small gradient's step: up to 2·lr per step where it flips,
+    so 3·2·lr = 6e-3 after 3 steps at worst, and 2·lr for all but a handful of elements (one flip); the pipeline
+    case also regroups the other layers' token tiles (micro-batches, the sequence-split row order: measured one
+    element of 3,456 at 2.19e-3). The losses move by < 1e-3 relative (measured with train.py on configs/tiny.yaml,
+    10 steps: 2.6e-4). A wrong gradient term moves the loss by far more."""
     ref_state, ref_losses = fp8_single_device_run
     cfg = _fp8_cfg(**mesh_kw)
     state, losses = _run_steps(cfg, make_mesh(cfg.mesh))
     assert losses[0] == pytest.approx(ref_losses[0], rel=1e-6)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-3)
+    lr = cfg.train.lr
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-3)
+        diff = np.abs(np.asarray(a) - np.asarray(b))
+        assert diff.max() <= 3 * 2 * lr, diff.max()
+        assert (diff > 2 * lr).mean() < 1e-3, (diff > 2 * lr).sum()
 
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path, single_device_run):

@@ -54,15 +54,19 @@ def _tile_n(n: int) -> int:
 _TILING_KEYS = {"tile_n": "tile_n", "tile_k": "tile_k", "steps": "max_concurrent_steps", "gpi": "groups_per_item"}
 
 
-def kernel_tiling(op: str, n: int) -> dict[str, int]:
+def kernel_tiling(op: str, n: int, k: int | None = None) -> dict[str, int]:
     """Tiling keywords of the ``mgpu`` kernel for ``op`` (fwd, dgrad or wgrad) with N = ``n`` output columns:
-    defaults (tile_n by :func:`_tile_n`, the Wgrad's 64, 64-deep K steps, 3 in flight, the Wgrad's all-tokens
-    schedule: the best measured so far), each overridable from ``DSV3_BF16_<OP>`` = comma-separated ``key=value``
+    defaults (the winners of ``bash bench/gpu_bf16_sweep.sh`` on an H100, bench/results/2026-12-07-s7: forward
+    tile_n by :func:`_tile_n`, 64-deep K steps, 3 in flight; Dgrad 128-deep K steps, 2 in flight; Wgrad 128 × 256
+    tiles, 128-deep K steps, 2 in flight, one work item per tile of a run of 4 experts), each overridable from ``DSV3_BF16_<OP>`` = comma-separated ``key=value``
     with keys tile_n, tile_k, steps and (wgrad) gpi, e.g. ``DSV3_BF16_WGRAD=tile_n=64,steps=4,gpi=1`` — read at trace time, so a sweep's winner can be tried in
     the training step (bench/train.py) before it becomes the default."""
     kw = {"tile_n": _tile_n(n), "tile_k": bf16_gemm_mgpu.TILE_K, "max_concurrent_steps": 3}
-    if op == "wgrad":  # 128 × 128 CTA tiles: 348 TFLOP/s against 236-240 for 128 × 256 (down, H200, BENCHMARKS.md):
-        kw.update(tile_n=64, groups_per_item=0)  # the all-tokens schedule has only as many items as output tiles
+    if op == "dgrad" and (k is None or k % 128 == 0):  # H100 sweep: 0.933 ms for both shapes against
+        kw.update(tile_k=128, max_concurrent_steps=2)  # 0.96-0.99 at 64-deep steps (k: the contraction, = N)
+    if op == "wgrad":  # H100 sweep: 306-307 TFLOP/s against 235-244 for the all-tokens schedule (gpi=0), whose
+        # items are only the output tiles (64-128 on 132 SMs); per-expert-run items fill the machine
+        kw.update(tile_k=128, max_concurrent_steps=2, groups_per_item=4)
     var = f"DSV3_BF16_{op.upper()}"
     for item in filter(None, os.environ.get(var, "").replace(" ", "").split(",")):
         key, _, value = item.partition("=")
@@ -90,7 +94,7 @@ def _mgpu_grouped_bwd(interpret, res, dy):
     dy = dy.astype(x.dtype)
     # Dgrad: dy [M, N] · w[g]ᵀ, w read as stored ([G, K, N] is the transposed operand's [G, out, contraction])
     dx = bf16_gemm_mgpu.grouped_matmul(dy, w, group_sizes, transpose_b=True, interpret=interpret,
-                                       **kernel_tiling("dgrad", w.shape[1]))
+                                       **kernel_tiling("dgrad", w.shape[1], w.shape[2]))
     # Wgrad: per expert x[rows]ᵀ · dy[rows], both token-major as they are
     tiling = kernel_tiling("wgrad", w.shape[2])
     live = live_sizes if tiling["groups_per_item"] else None  # the all-tokens schedule reads every slab
