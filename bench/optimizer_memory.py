@@ -109,12 +109,12 @@ def compile_step(cfg, micro: int, mb: int, seq: int):
     return compiled, state.params
 
 
-def compile_optimizer(cfg, fn):
+def compile_optimizer(cfg, fn, micro: int = 1):
     from dsv3_jax.training.step import init_state
 
     state = jax.eval_shape(lambda: init_state(cfg))
     s = optim.OptimSettings.from_train(cfg.train)
-    step = jax.jit(lambda g, o, p, lr: fn(g, o, p, lr, s, 1), donate_argnums=(1, 2))  # the step donates state and params, not grads
+    step = jax.jit(lambda g, o, p, lr: fn(g, o, p, lr, s, micro), donate_argnums=(1, 2))  # the step donates state and params, not grads
     return step.lower(state.params, state.opt_state, state.params, jnp.float32(1e-3)).compile(), state.params
 
 
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn in VARIANTS.items():
             t0 = time.perf_counter()
             with update_fn(fn):
-                compiled, params = (compile_optimizer(cfg, fn) if what == "optimizer"
+                compiled, params = (compile_optimizer(cfg, fn, a.micro) if what == "optimizer"
                                     else compile_step(cfg, a.micro, a.mb, a.seq))
             r = analyse(compiled, params)
             res[f"{what}: {name}"] = r
