@@ -6,6 +6,10 @@ parameters, Adam moments in ``train.moments_dtype`` (the TR keeps them in BF16).
 The learning rate is *not* inside the optax chain: :func:`make_optimizer` returns the update direction
 (clip → Adam → + wd·p) and the train step multiplies by ``-lr``, the value :class:`dsv3_jax.training.schedule.Schedule`
 has in force for the step (evaluated on the host; the compiled step never depends on it).
+
+The train step runs :func:`fused_adamw`: the same update as one elementwise pass per leaf (mean and clip as one
+scalar factor), on the state ``make_optimizer(...).init`` builds; :func:`reference_adamw` is the chain applied
+tree by tree, its reference. ``bench/optimizer_memory.py`` compares XLA's temporaries of the two.
 """
 
 from __future__ import annotations

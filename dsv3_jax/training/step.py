@@ -32,7 +32,8 @@ class TrainState(NamedTuple):
     params       FP32 master parameters (the model casts to ``model.dtype`` for compute)
     router       ``e_score_correction_bias`` leaves: [L_moe, E] (stacked layers) and [E] per MTP module;
                  updated by the sign rule, never by gradient
-    opt_state    optax state of :func:`optim.make_optimizer`: (clip, AdamState(count, mu, nu), decay)
+    opt_state    optax state of :func:`optim.make_optimizer`: (clip, AdamState(count, mu, nu), decay); updated
+                 by :func:`optim.fused_adamw`
     step         int64 [] numpy, host: steps done
     tokens_seen  int64 [] numpy, host: training tokens consumed (drives LR, λ, γ and the batch ramp)
     rng          uint32 [2] key data, split every step (reserved for stochastic layers; none today)
