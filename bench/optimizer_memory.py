@@ -10,9 +10,12 @@ from the optimized HLO the number of values of a param leaf's full f32 shape tha
 outside fused computations: fusions, copies, dynamic-update-slices ...). ``--only optimizer`` compiles the update
 alone (grads, params and state as donated arguments): its temporaries are exactly the optimizer's extra trees.
 
-On the GPU (the bench config, what ``bench/gpu_bf16.sh`` trains):
-    python bench/optimizer_memory.py --config configs/bench_1gpu.yaml --layers 13 --seq 4096 --mb 2 --mtp 0 \\
-        model.remat=full train.moments_dtype=bfloat16
+On the GPU (the bench config, what ``bench/gpu_bf16.sh`` trains; carry .whl; ~4 compiles of the step):
+    source bench/gpu_setup.sh && python3 bench/optimizer_memory.py --config configs/bench_1gpu.yaml --layers 13 \\
+        --seq 4096 --mb 2 --mtp 0 --json $OUT/optimizer_memory.json model.remat=full train.moments_dtype=bfloat16
+
+On the CPU the update's fusions stay separate (no multi-output fusion), so XLA copies the old moments/params
+it aliases in place: part of the temporaries there is that, not the optimizer's trees.
 """
 
 from __future__ import annotations
@@ -114,7 +117,8 @@ def compile_optimizer(cfg, fn, micro: int = 1):
 
     state = jax.eval_shape(lambda: init_state(cfg))
     s = optim.OptimSettings.from_train(cfg.train)
-    step = jax.jit(lambda g, o, p, lr: fn(g, o, p, lr, s, micro), donate_argnums=(1, 2))  # the step donates state and params, not grads
+    # donated as the step donates them: state and params (the grads are the step's own temporaries)
+    step = jax.jit(lambda g, o, p, lr: fn(g, o, p, lr, s, micro), donate_argnums=(1, 2))
     return step.lower(state.params, state.opt_state, state.params, jnp.float32(1e-3)).compile(), state.params
 
 

@@ -149,7 +149,10 @@ def _adam_case(seed: int, moments: str):
     """A params tree with every kind of leaf the decay mask tells apart, its optax-chain state after one step
     (non-zero moments, count 1), and gradient sums for the next step."""
     r = np.random.default_rng(seed)
-    f = lambda *shape: jnp.asarray(r.normal(size=shape), jnp.float32)  # noqa: E731
+
+    def f(*shape):
+        return jnp.asarray(r.normal(size=shape), jnp.float32)
+
     params = {"moe": {"layers": {"w": f(3, 8, 16), "bias_like": f(3, 8)}}, "embed": {"embedding": f(32, 8)},
               "indexer": {"wq": f(8, 4)}, "norm": {"scale": 1 + 0.1 * f(8)}, "vec": f(8)}
     s = optim.OptimSettings(0.9, 0.95, 1e-8, 0.1, 1.0, moments)
