@@ -122,6 +122,7 @@ class BlockStack(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast,),
             length=self.num_layers,
+            unroll=min(self.cfg.scan_unroll, self.num_layers),
             # Only the MoE stack is pipelined; dense layers stay whole on every stage.
             metadata_params={nn.PARTITION_NAME: "layers" if self.moe else "dense_layers"},
         )

@@ -96,6 +96,10 @@ class ModelConfig:
     mla_decode_impl: Literal["xla", "pallas"] = "xla"
     # Rematerialisation of each block in the backward pass: none | full | save_dots (keep matmul outputs).
     remat: Literal["none", "full", "save_dots"] = "none"
+    # Layers per iteration of each layer scan's loop (nn.scan's unroll): 1 = a loop over the stacked layers
+    # (dynamic slices of the stacked weights, dynamic-update-slices of their stacked gradients); the stack's
+    # length unrolls it fully (static slices XLA may fuse away; longer compiles). The same numbers either way.
+    scan_unroll: int = 1
     # FP8 mixed precision (REFERENCE §8): every linear of the recipe (attention projections, dense MLP, shared
     # and routed experts, MTP eh_proj) runs its forward and backward GEMMs in E4M3 — activations per 1×128 tile,
     # weights per 128×128 block, FP32 accumulation. Embedding, lm_head, MoE gate, norms and attention core keep
@@ -130,7 +134,7 @@ class ModelConfig:
         _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
                         "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
                         "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
-                        "n_group", "topk_group", "max_position_embeddings")
+                        "n_group", "topk_group", "max_position_embeddings", "scan_unroll")
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
             raise ConfigError(f"model.q_lora_rank={self.q_lora_rank}: must be a positive int or null (plain q_proj)")
         if self.qk_rope_head_dim % 2:
@@ -641,8 +645,8 @@ def model_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     out: dict[str, Any] = ({"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32"} if cfg.uses_dsa
                            else {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"})
     skip = {"rope_scaling", "yarn_only_when_extended", "dtype", "param_dtype", "attention_impl", "moe_impl",
-            "mla_decode_impl", "dsa_attention_impl", "dsa_index_impl", "remat", "fp8", "fp8_pow2_scales",
-            "fp8_weights", "packed_samples", "index_attention"}
+            "mla_decode_impl", "dsa_attention_impl", "dsa_index_impl", "remat", "scan_unroll", "fp8",
+            "fp8_pow2_scales", "fp8_weights", "packed_samples", "index_attention"}
     if not cfg.uses_dsa:
         skip |= {"index_topk", "index_n_heads", "index_head_dim"}
     for f in dataclasses.fields(cfg):

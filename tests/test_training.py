@@ -30,7 +30,7 @@ from dsv3_jax.training.loss import compute_losses, mtp_targets
 from dsv3_jax.training.metrics import flops_per_token
 from dsv3_jax.training.runlock import RunDirLock, RunDirLocked
 from dsv3_jax.training.schedule import Schedule
-from dsv3_jax.training.step import TrainState, init_state, max_violation, train_step, update_router
+from dsv3_jax.training.step import TrainState, indexer_only, init_state, max_violation, train_step, update_router
 from tests.common import TINY_MODEL_OVERRIDES
 from tests.synthetic_data import SyntheticIterator
 
@@ -143,6 +143,79 @@ def test_bf16_moments_and_adamw_update():
     # First Adam step: m̂/√v̂ = sign(g) = 1; decay 0.1·p on w only (the norm scale is excluded).
     np.testing.assert_allclose(direction["w"], 1.0 + 0.1 * 2.0, rtol=1e-6)
     np.testing.assert_allclose(direction["scale"], 1.0, rtol=1e-6)
+
+
+def _adam_case(seed: int, moments: str):
+    """A params tree with every kind of leaf the decay mask tells apart, its optax-chain state after one step
+    (non-zero moments, count 1), and gradient sums for the next step."""
+    r = np.random.default_rng(seed)
+
+    def f(*shape):
+        return jnp.asarray(r.normal(size=shape), jnp.float32)
+
+    params = {"moe": {"layers": {"w": f(3, 8, 16), "bias_like": f(3, 8)}}, "embed": {"embedding": f(32, 8)},
+              "indexer": {"wq": f(8, 4)}, "norm": {"scale": 1 + 0.1 * f(8)}, "vec": f(8)}
+    s = optim.OptimSettings(0.9, 0.95, 1e-8, 0.1, 1.0, moments)
+    state = optim.make_optimizer(s).init(params)
+    g0 = jax.tree.map(lambda p: 0.01 * jnp.asarray(r.normal(size=p.shape), jnp.float32), params)
+    params, state, _ = optim.reference_adamw(g0, state, params, 1e-2, s)
+    g = jax.tree.map(lambda p: jnp.asarray(r.normal(size=p.shape), jnp.float32), params)
+    return s, params, state, g
+
+
+@pytest.mark.parametrize("moments", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n,gscale,keep", [(1, 1e-3, False), (4, 1e-3, True), (3, 1.0, True)],
+                         ids=["n1", "n4-frozen", "n3-clipped-frozen"])
+def test_fused_adamw_is_the_optax_chain(moments, n, gscale, keep):
+    """The one-pass update against the optax chain the step ran before (``optim.reference_adamw``: clip → Adam →
+    decay as separate trees, then p - lr·u), from the same state, for both moment dtypes, with and without
+    clipping, accumulation and the V3.2 warm-up's frozen leaves.
+
+    Not bit-exact: (1) the fused g_sum·((c/‖g‖)/n) and optax's ((g_sum/n)/‖g‖)·c round 3 times each, so g
+    differs by ≤ 6ε relative (ε = 2⁻²⁴; 0 without clipping and n a power of two); (2) XLA's CPU code contracts
+    b·m + (1-b)·g into an FMA in one fusion layout and not in the other (seen: 1 ulp in 1 of 32 μ's), an error
+    relative to the *terms*, not to the (possibly cancelling) sum. So each moment may differ by 16ε·M with
+    M = b1|m₀| + (1-b1)|g| (resp. b2·v₀ + (1-b2)g²), plus one bf16 ulp (2⁻⁸·|m|) when stored in bf16; the
+    direction u = m̂/(√v̂+eps) by 16ε·(M/c1/(√v̂+eps) + |u|); the param by lr times that plus one ulp of p.
+    A wrong term (a missing bias correction, decay on a norm, the clip factor off) is off by ≥ 1e-3 relative."""
+    s, params, state, g = _adam_case(0, moments)
+    g = jax.tree.map(lambda x: gscale * n * x, g)  # g_sum of n micro-batches; ‖g_sum/n‖ ≈ 14·gscale
+    keep_tree = indexer_only(params) if keep else None
+    lr = np.float32(1e-2)
+    ref = jax.jit(lambda g, o, p: optim.reference_adamw(g, o, p, lr, s, n, keep_tree))
+    fused = jax.jit(lambda g, o, p: optim.fused_adamw(g, o, p, lr, s, n, keep_tree))
+    (p_r, o_r, norm_r), (p_f, o_f, norm_f) = ref(g, state, params), fused(g, state, params)
+    norm = float(norm_r)
+    assert (norm >= 1.0) == (gscale == 1.0)
+    assert norm_f == norm_r  # the same reductions
+    assert int(o_f[1].count) == int(o_r[1].count) == 2
+    assert jax.tree.structure(o_f) == jax.tree.structure(o_r)  # checkpoints keep their layout
+    eps, c1, c2 = 2.0 ** -24, 1 - 0.9 ** 2, 1 - 0.95 ** 2
+    bf16 = 2.0 ** -8 if moments == "bfloat16" else 0.0
+    flat = [jax.tree.leaves(t) for t in (params, g, state[1].mu, state[1].nu, p_f, p_r, o_f[1].mu, o_r[1].mu,
+                                         o_f[1].nu, o_r[1].nu, optim.decay_mask(params),
+                                         keep_tree or jax.tree.map(lambda _: True, params))]
+    for p0, gs, m0, v0, pf, pr, mf, mr, vf, vr, wd, k in zip(*flat):
+        p0, m0, v0 = (np.asarray(x, np.float64) for x in (p0, m0, v0))
+        pf, pr, mf, mr, vf, vr = (np.asarray(x, np.float32) for x in (pf, pr, mf, mr, vf, vr))
+        if not k:  # frozen: the param stays bit for bit
+            np.testing.assert_array_equal(pf, p0.astype(np.float32))
+        ge = np.asarray(gs, np.float64) / n * min(1.0, 1.0 / norm) * k
+        m, v = 0.9 * m0 + 0.1 * ge, 0.95 * v0 + 0.05 * ge ** 2
+        big_m, big_v = 0.9 * np.abs(m0) + 0.1 * np.abs(ge), v
+        assert (np.abs(mf - mr) <= 16 * eps * big_m + bf16 * np.abs(mr)).all()
+        assert (np.abs(vf - vr) <= 16 * eps * big_v + bf16 * np.abs(vr)).all()
+        den = np.sqrt(v / c2) + 1e-8
+        u = m / c1 / den + (0.1 * p0 if wd else 0.0)
+        np.testing.assert_allclose(pr, p0 - float(lr) * u * k, rtol=1e-5, atol=1e-7)  # the reference is AdamW
+        bound = float(lr) * 16 * eps * (big_m / c1 / den + np.abs(u)) * k + np.spacing(np.abs(pr))
+        assert (np.abs(pf - pr) <= bound).all(), float(np.max(np.abs(pf - pr) / bound))
+
+
+def test_fused_adamw_refuses_a_foreign_state():
+    s, params, state, g = _adam_case(1, "float32")
+    with pytest.raises(TypeError, match="not AdamState"):
+        optim.fused_adamw(g, (state[0], {"mu": state[1].mu}, state[2]), params, 1e-2, s)
 
 
 # ------------------------------------------------------------------------------------------------------------

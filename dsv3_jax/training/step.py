@@ -32,7 +32,8 @@ class TrainState(NamedTuple):
     params       FP32 master parameters (the model casts to ``model.dtype`` for compute)
     router       ``e_score_correction_bias`` leaves: [L_moe, E] (stacked layers) and [E] per MTP module;
                  updated by the sign rule, never by gradient
-    opt_state    optax state of :func:`optim.make_optimizer`: (clip, AdamState(count, mu, nu), decay)
+    opt_state    optax state of :func:`optim.make_optimizer`: (clip, AdamState(count, mu, nu), decay); updated
+                 by :func:`optim.fused_adamw`
     step         int64 [] numpy, host: steps done
     tokens_seen  int64 [] numpy, host: training tokens consumed (drives LR, λ, γ and the batch ramp)
     rng          uint32 [2] key data, split every step (reserved for stochastic layers; none today)
@@ -198,18 +199,13 @@ def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_c
     else:
         (g_sum, l_sum, load, mtp_load, dropped, mass), _ = jax.lax.scan(micro, init, batch)
     # Micro-batches have equal token counts, so the mean of per-micro means is the global-batch mean.
-    grads = jax.tree.map(lambda g: g / n, g_sum)
     losses = jax.tree.map(lambda v: v / n, l_sum)
-    keep = None
-    if trainable == "indexer":  # V3.2 dense warm-up: only the indexer moves (clip sees only its gradient)
-        keep = indexer_only(params)
-        grads = jax.tree.map(lambda g, k: g if k else jnp.zeros_like(g), grads, keep)
-
-    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-    direction, opt_state = optim.make_optimizer(opt).update(grads, opt_state, params)
-    if keep is not None:  # no weight decay on the frozen params either, and the router biases stay
-        direction = jax.tree.map(lambda u, k: u if k else jnp.zeros_like(u), direction, keep)
-    params = jax.tree.map(lambda p, u: p - hyper.lr * u, params, direction)
+    # V3.2 dense warm-up: only the indexer moves (clip sees only its gradient; no decay on the frozen params,
+    # and the router biases stay)
+    keep = indexer_only(params) if trainable == "indexer" else None
+    # One elementwise pass per leaf over (g_sum, p, m, v): grads = g_sum/n, clipping and Adam fused in (the
+    # same arithmetic as the optax chain of optim.make_optimizer; no clipped-grad or direction tree).
+    params, opt_state, grad_norm = optim.fused_adamw(g_sum, opt_state, params, hyper.lr, opt, n, keep)
     router = update_router(router, load, mtp_load, hyper.gamma if keep is None else 0.0)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(rng))[0])
 
