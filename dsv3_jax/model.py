@@ -87,7 +87,12 @@ class Transformer(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         embed = Embed(c, name="embed")
-        x = logical(embed(tokens), ("activation_batch", "activation_length", "activation_embed"))
+        def lookup(t):  # the looked-up rows first whole-sequence ("activation_lookup_length"): a vocab-split table
+            # is then read in place (each shard its rows, summed) instead of being gathered whole to every device
+            e = logical(embed(t), ("activation_batch", "activation_lookup_length", "activation_embed"))
+            return logical(e, ("activation_batch", "activation_length", "activation_embed"))
+
+        x = lookup(tokens)
 
         new_cache: dict[str, LatentCache] = {}
         ikl, mass = [], []
@@ -113,16 +118,19 @@ class Transformer(nn.Module):
                 return tied_logits(z, embed.embedding)
         else:
             head = lm_head(c)
-        logits = logical(head(h), ("activation_batch", "activation_length", "activation_vocab"))
+        # Logits name their own length axis: where the sequence is split (outside a pipeline's stack) the rules
+        # split the vocab instead, so the head gathers h (d wide), not its [d, V] weight.
+        logits_axes = ("activation_batch", "activation_logits_length", "activation_vocab")
+        logits = logical(head(h), logits_axes)
 
         mtp_logits, mtp_load, mtp_bal = None, jnp.zeros((0, E), jnp.float32), jnp.zeros((0,), jnp.float32)
         if mtp and c.num_nextn_predict_layers:
             outs, loads, bals = [], [], []
             h_prev = h
             for k in range(1, c.num_nextn_predict_layers + 1):
-                emb_next = embed(shift_tokens(tokens, k))
+                emb_next = lookup(shift_tokens(tokens, k))
                 h_prev, h_normed, aux, _ = MTPModule(c, k, name=f"mtp_{k - 1}")(h_prev, emb_next, positions)
-                outs.append(head(h_normed))
+                outs.append(logical(head(h_normed), logits_axes))
                 loads.append(aux.get("load", jnp.zeros((E,), jnp.float32)))
                 bals.append(aux.get("balance", jnp.zeros((), jnp.float32)))
                 dropped = dropped + aux.get("dropped", 0.0)

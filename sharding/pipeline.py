@@ -11,8 +11,8 @@ circular needs M ≥ S). M·V + S − 1 iterations fill and drain the pipe; each
 Bubble fraction: (S − 1) / (V·M + S − 1) — V times smaller than GPipe's (S − 1) / (M + S − 1) for the same M.
 
 Uneven stages: when C does not divide L (DeepSeek-V3's 58 MoE layers on PP16) the stack is padded inside this
-function to K·C layers with zero weights whose output is masked away (identity layers: x passes through, no load,
-no balance term). The param tree and checkpoints are unchanged and the real layers' grads are exact (the pad's
+function to K·C layers with zero weights: identity layers (a zero-weight block adds exactly 0 to the residual
+stream, and its gradient passes straight through), whose routing statistics are masked (no load, no balance term). The param tree and checkpoints are unchanged and the real layers' grads are exact (the pad's
 transpose drops the padded cotangents). The padded slots still compute: (K·C − L)/(K·C) of the pipelined layer
 FLOPs are wasted (6/64 = 9.4% for 58 layers on 16 stages).
 
@@ -217,16 +217,27 @@ def pipeline_stack(mesh: Mesh, microbatches: int, schedule: str, virtual_stages:
     stages = jax.tree.map(relayout, stacked, stored, is_leaf=lambda a: a is None or is_weight(a))
     # Outside the stack `pipeline` splits the sequence (sharding/rules.py): gather whole sequences here (the
     # micro-batch buffer is on every stage, as stage 0 reads it back M iterations later on the circular schedule).
-    xs = _constrain(mesh, x, BATCH_AXES, None, None).reshape(M, mb, T, d)
-    pos = _constrain(mesh, positions, BATCH_AXES, None).reshape(M, mb, T)
+    # Micro-batch i = rows i, M + i, 2M + i, ...: with the batch split over the batch axes in contiguous blocks
+    # (a multiple of M rows each when mb divides over them) every device keeps its own rows, i.e. the split is
+    # local. (Contiguous micro-batches need an all-to-all, which XLA lowered as an all-gather of the whole
+    # micro-step: at 671B two 45 GB copies per device.) Any split is the same math: the loss sums over tokens.
+    def split(a):  # [B, ...] → [M, mb, ...]
+        return jnp.swapaxes(a.reshape(mb, M, *a.shape[1:]), 0, 1)
+
+    xs = split(_constrain(mesh, x, BATCH_AXES, None, None))
+    pos = split(_constrain(mesh, positions, BATCH_AXES, None))
     layer_fn = _layer_fn(cfg)
 
     def stage_fn(w, s, r, h, p):  # one stage, one chunk: K layers of repeat r
         def body(h, xk):
             lw, k = xk
             y, aux = apply_block(cfg, True, lw, h, p) if V == 1 else layer_fn(w, r, k, h, p)
-            real = (r * S + s) * K + k < L  # padded slots are identity layers
-            return jnp.where(real, y, h), jax.tree.map(lambda a: jnp.where(real, a, 0), aux)
+            # Padded slots are identity layers: with all-zero weights a block adds exactly 0 to the residual
+            # stream (o_proj, the experts' and shared expert's down projections are zero), so y == h there and
+            # only the routing statistics need masking. (A select on y saved its [B, T, d] predicate per layer
+            # and iteration for the backward.)
+            real = (r * S + s) * K + k < L
+            return y, jax.tree.map(lambda a: jnp.where(real, a, 0), aux)
         # GPipe: the stage's layers are the scan's xs (static slice: nothing per iteration to save).
         return jax.lax.scan(body, h, (jax.tree.map(lambda a: a[0], w) if V == 1 else None, jnp.arange(K)))
 
@@ -260,7 +271,7 @@ def pipeline_stack(mesh: Mesh, microbatches: int, schedule: str, virtual_stages:
 
     def unstage(a):  # [S, V, K, ...] → [L, ...]
         return a.swapaxes(0, 1).reshape(Lp, *a.shape[3:])[:L]
-    return outputs.reshape(B, T, d), {"load": unstage(load), "balance": unstage(balance) / M,
+    return jnp.swapaxes(outputs, 0, 1).reshape(B, T, d), {"load": unstage(load), "balance": unstage(balance) / M,
                                       "dropped": unstage(dropped)}
 
 

@@ -65,7 +65,14 @@ ceil(58/16) = 4 MoE layers on a PP16 stage — the pipeline code today needs 58 
 ``--lower`` also traces and lowers the real train step for ``cuda`` on an ``AbstractMesh`` with
 ``ShapeDtypeStruct`` arguments (no allocation, no GPU needed) and reports the lowered module's FLOPs and
 collectives; XLA's memory analysis needs a compile for the real devices, which only happens here when the mesh
-fits the local devices (the tiny configs on 8 simulated CPUs). Serving (``--serve``): see :func:`serve_plan`.
+fits the local devices: the tiny configs on 8 simulated CPUs, or the 671B layout on 2,048 (about 8 minutes on two
+cores; a CPU runs XLA attention and BF16, so compare with the plan for those settings):
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2048 python -m sharding.plan \
+        --config configs/deepseek_v3_671b.yaml --mesh pipeline=16,expert=64,data=2 --lower \
+        train.precision=bf16 model.attention_impl=xla
+
+(bench/results/plan-671b-xla.txt: plan 96.2 GB vs XLA 109.4 GB per device, +13.7%.) Serving (``--serve``): see :func:`serve_plan`.
 """
 
 from __future__ import annotations
@@ -794,6 +801,12 @@ def format_plan(p: dict[str, Any]) -> str:
                       f"XLA arguments {ma['argument_size_in_bytes'] / 1e6:.2f} MB (+ tokens, rng, scalars); analytic "
                       f"grads + activations {(mem['total'] - mem['terms']['params'] - mem['terms']['optimizer moments']) / 1e6:.2f}"
                       f" MB vs XLA temp {ma['temp_size_in_bytes'] / 1e6:.2f} MB")]
+                xla_total = ma["argument_size_in_bytes"] + ma["temp_size_in_bytes"]
+                L += [(f"  per-device peak: plan {mem['total'] / 1e9:.2f} GB vs XLA (arguments + temp) "
+                       f"{xla_total / 1e9:.2f} GB: {xla_total / mem['total'] - 1:+.1%}"
+                       + (" (a CPU compile: XLA attention and BF16/emulated FP8 are what it runs; plan with "
+                          "model.attention_impl=xla train.precision=bf16 to compare like with like)"
+                          if ma["backend"] == "cpu" else ""))]
             else:
                 L += [f"  {lo.get('memory_analysis_note', '')}"]
     return "\n".join(L)

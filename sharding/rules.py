@@ -22,6 +22,8 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("activation_batch", BATCH_AXES),
     ("activation_length", OUTER_LENGTH_AXES),
     ("activation_kv_length", None),  # keys/values of attention: every query position sees the whole sequence
+    ("activation_logits_length", None),  # logits are split by vocab (below) rather than by position
+    ("activation_lookup_length", None),  # embedding rows as looked up from the vocab-split table
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_mlp", "tensor"),
