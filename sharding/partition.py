@@ -19,11 +19,15 @@ from sharding.pipeline import pipeline_parallel
 from sharding.rules import BATCH_AXES, LOGICAL_RULES, batch_spec, token_axes
 
 
+def _boxed_variables(cfg: ModelConfig) -> dict:
+    """``Transformer(cfg)``'s variables as abstract, logically partitioned boxes (no allocation)."""
+    one_token = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(lambda t: Transformer(cfg).init(jax.random.key(0), t), one_token)
+
+
 def logical_specs(cfg: ModelConfig) -> dict:
     """Logical PartitionSpecs of every variable of ``Transformer(cfg)`` (no allocation)."""
-    tokens = jax.ShapeDtypeStruct((1, 1), jax.numpy.int32)
-    boxed = jax.eval_shape(lambda t: Transformer(cfg).init(jax.random.key(0), t), tokens)
-    return nn.get_partition_spec(boxed)
+    return nn.get_partition_spec(_boxed_variables(cfg))
 
 
 STACK_MODULE = "moe_layers"  # the MoE layer stack (model.py's BlockStack): pipelined over `pipeline`
@@ -31,8 +35,7 @@ STACK_MODULE = "moe_layers"  # the MoE layer stack (model.py's BlockStack): pipe
 
 def variable_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
     """NamedSharding per variable leaf ({'params', 'router'}) from the rules table, fitted to the leaf shapes."""
-    tokens = jax.ShapeDtypeStruct((1, 1), jax.numpy.int32)
-    boxed = jax.eval_shape(lambda t: Transformer(cfg).init(jax.random.key(0), t), tokens)
+    boxed = _boxed_variables(cfg)
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, LOGICAL_RULES)
 
     def leaf(path, s, v):
