@@ -13,6 +13,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax import fp8, tokens
 from dsv3_jax.config import ModelConfig
@@ -82,15 +83,16 @@ def sequence_balance(scores: jax.Array, experts: jax.Array, cfg: ModelConfig) ->
 
 
 def expert_matmul(a: jax.Array, w: Weight, sizes: jax.Array, impl: str = "auto",
-                  fp8_pow2: bool | None = None, aligned: bool = False) -> jax.Array:
+                  fp8_pow2: bool | None = None, aligned: bool = False, live_sizes: jax.Array | None = None
+                  ) -> jax.Array:
     """Rows a [M, k] grouped by expert (``sizes`` [E]) × w [E, k, n] → [M, n]: the grouped GEMM of the experts.
 
     ``fp8_pow2`` None: :func:`grouped_matmul` in a's dtype. Else FP8 (REFERENCE §8; power-of-two scales if True).
     ``aligned``: groups padded to multiples of 128 rows (:func:`aligned_layout`), for the Hopper kernels (FP8, or
-    BF16 with ``impl`` mgpu).
+    BF16 with ``impl`` mgpu); ``live_sizes`` [E]: each padded group's rows before its padding (BF16 only).
     """
     if fp8_pow2 is None:
-        return grouped_matmul(a, w, sizes, impl, aligned=aligned)
+        return grouped_matmul(a, w, sizes, impl, aligned=aligned, live_sizes=live_sizes)
     return fp8.fp8_grouped_matmul(a, w, sizes, fp8_pow2, aligned=aligned)
 
 
@@ -174,7 +176,9 @@ def expert_rows(rows: jax.Array, ids: jax.Array, w_gate: Weight, w_up: Weight, w
         align = fp8.BLOCK if (kernels and not isinstance(w_gate, fp8.Quantized)
                               and R >= ALIGN_MIN_ROWS_PER_EXPERT * E) else 0
     order, inverse, sizes = sort_by_expert(ids, E)  # row j of the sorted batch is row order[j]
+    live = None  # rows of each padded group before its padding: the BF16 Wgrad skips the padding's slabs
     if align:
+        live = sizes
         src, pos, sizes = aligned_layout(order, inverse, sizes, align)
         xs = permute_rows(rows, src, pos)  # [P, d], padding rows zero
     else:
@@ -182,10 +186,11 @@ def expert_rows(rows: jax.Array, ids: jax.Array, w_gate: Weight, w_up: Weight, w
     aligned = align > 0 and align % fp8.BLOCK == 0
 
     def gemm(a, w):
-        return expert_matmul(a, w, sizes, impl, fp8_pow2, aligned)
+        return expert_matmul(a, w, sizes, impl, fp8_pow2, aligned, live)
 
-    h = swiglu(gemm(xs, w_gate), gemm(xs, w_up))
-    ys = gemm(h, w_down)  # [R or P, d]
+    # Names for model.remat=save_moe (dsv3_jax/block.py): the backward keeps these instead of re-running the GEMMs.
+    h = swiglu(checkpoint_name(gemm(xs, w_gate), "moe_gate"), checkpoint_name(gemm(xs, w_up), "moe_up"))
+    ys = checkpoint_name(gemm(h, w_down), "moe_down")  # [R or P, d]
     ys = permute_rows(ys, pos, src) if align else permute_rows(ys, inverse, order)
     # Rows past the experts' groups hold whatever the grouped GEMM leaves there: zero the empty rows' outputs.
     return jnp.where((ids < E)[:, None], ys, 0)
