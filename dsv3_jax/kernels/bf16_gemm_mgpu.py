@@ -63,7 +63,7 @@ def _kernel(*refs, out_dtype, tile_n: int, steps: int, mode: str, a_t: bool, b_t
     """
     plgpu = _mgpu()
     if per_chunk:
-        gid_gmem, chunks_gmem, a_gmem, b_gmem, out_gmem = refs
+        gid_gmem, chunks_gmem, zero_gmem, a_gmem, b_gmem, out_gmem = refs
     else:
         gid_gmem, a_gmem, b_gmem, out_gmem = refs
     if mode == "grouped":
@@ -112,30 +112,31 @@ def _kernel(*refs, out_dtype, tile_n: int, steps: int, mode: str, a_t: bool, b_t
     def _scope(pipeline_allocs, out_smem):
         wg = lax.axis_index("wg")
 
-        n_items = m_iters * n_iters * (chunks_gmem.shape[1] if per_chunk else 1)
+        n_work = m_iters * n_iters * (chunks_gmem.shape[1] if per_chunk else 1)
+        # per_chunk: then one item per group, which stores zeros over the group's whole output if zero_gmem names
+        # it (a group without live slabs is never stored by the work items)
+        n_items = n_work + (zero_gmem.shape[0] if per_chunk else 0)
 
-        @plgpu.nd_loop((n_items,), collective_axes="cluster_grid")
-        def _mn_loop(loop_info):
-            (lin,) = loop_info.index
+        def store(acc, dst):
+            """acc [128, tile_n] f32 (registers) → dst (this CTA's [128, 2·tile_n] output tile), in 64×64
+            pieces through two shared-memory slots per warpgroup."""
+            acc = acc.astype(out_dtype)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            for i in range(ROWS // EPI):
+                for j in range(tile_n // EPI):
+                    slot = (i * (tile_n // EPI) + j) % 2
+                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                    out_smem[wg, slot] = acc[i * EPI:(i + 1) * EPI, j * EPI:(j + 1) * EPI]
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(
+                        out_smem.at[wg, slot],
+                        dst.at[pl.ds(i * EPI, EPI), pl.ds(wg * tile_n + j * EPI, EPI)])
+
+        def _item(lin):
             chunk, mn = lin // (m_iters * n_iters), lin % (m_iters * n_iters)  # chunk-major: a group's slabs
             mi, ni = mn // n_iters, mn % n_iters  # are read by consecutive items (L2)
             m_sl, n_sl = pl.ds(mi * ROWS, ROWS), pl.ds(ni * cta_n, cta_n)
             wg_cols = pl.ds(wg * tile_n, tile_n)
-
-            def store(acc, dst):
-                """acc [128, tile_n] f32 (registers) → dst (this CTA's [128, 2·tile_n] output tile), in 64×64
-                pieces through two shared-memory slots per warpgroup."""
-                acc = acc.astype(out_dtype)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                for i in range(ROWS // EPI):
-                    for j in range(tile_n // EPI):
-                        slot = (i * (tile_n // EPI) + j) % 2
-                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                        out_smem[wg, slot] = acc[i * EPI:(i + 1) * EPI, j * EPI:(j + 1) * EPI]
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(
-                            out_smem.at[wg, slot],
-                            dst.at[pl.ds(i * EPI, EPI), pl.ds(wg * tile_n + j * EPI, EPI)])
 
             def operands(a_smem, b_smem):
                 a = a_smem.transpose((1, 0)) if a_t else a_smem
@@ -204,6 +205,29 @@ def _kernel(*refs, out_dtype, tile_n: int, steps: int, mode: str, a_t: bool, b_t
                 else:
                     get_pipeline(body, compute_context)(a_gmem.at[:, m_sl], b_gmem.at[:, n_sl],
                                                         allocations=pipeline_allocs)
+
+        @plgpu.nd_loop((n_items,), collective_axes="cluster_grid")
+        def _mn_loop(loop_info):
+            (lin,) = loop_info.index
+            if per_chunk:
+                @pl.when(lin < n_work)
+                def _work():
+                    _item(lin)
+
+                @pl.when((lin >= n_work) & (wg < 2))
+                def _zero_group():
+                    g = zero_gmem[jnp.maximum(lin - n_work, 0)]
+
+                    @pl.when(g >= 0)
+                    def _store_zeros():
+                        zeros = plgpu.layout_cast(jnp.zeros((ROWS, tile_n), jnp.float32), plgpu.Layout.WGMMA)
+
+                        @pl.loop(0, m_iters * n_iters)
+                        def _tile(t):
+                            store(zeros, out_gmem.at[g, pl.ds((t // n_iters) * ROWS, ROWS),
+                                                     pl.ds((t % n_iters) * cta_n, cta_n)])
+            else:
+                _item(lin)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -342,10 +366,14 @@ def kgrouped_matmul(a: jax.Array, b: jax.Array, group_sizes: jax.Array, out_dtyp
     out_dtype = jnp.dtype(out_dtype or a.dtype)
     Mp, Np = _up(M, ROWS), _up(N, 2 * tile_n)
     gid = jnp.concatenate([group_of_slabs(group_sizes, T, tile_k), jnp.full((1,), -1, jnp.int32)])
-    chunks = (chunk_table(group_sizes, live_sizes, groups_per_item, tile_k),) if groups_per_item else ()
-    out = _call("kgrouped", (gid, *chunks, _pad_last(a, Mp, 1), _pad_last(b, Np, 1)), (G, Mp, Np), out_dtype,
+    written = group_sizes > 0 if live_sizes is None else (group_sizes > 0) & (live_sizes > 0)
+    extra = ()
+    if groups_per_item:  # the kernel stores the zeros of the groups no work item writes (no pass over out after)
+        extra = (chunk_table(group_sizes, live_sizes, groups_per_item, tile_k),
+                 jnp.where(written, -1, jnp.arange(G, dtype=jnp.int32)).astype(jnp.int32))
+    out = _call("kgrouped", (gid, *extra, _pad_last(a, Mp, 1), _pad_last(b, Np, 1)), (G, Mp, Np), out_dtype,
                 tile_n, max_concurrent_steps, True, False, interpret, acc_in_place, tile_k=tile_k,
                 per_chunk=groups_per_item > 0)
-    written = group_sizes > 0 if live_sizes is None else (group_sizes > 0) & (live_sizes > 0)
-    out = jnp.where(written[:, None, None], out, 0)  # groups without (live) tokens may never be written
+    if not groups_per_item:  # the all-tokens schedule never writes a group without tokens
+        out = jnp.where(written[:, None, None], out, 0)
     return out[:, :M, :N] if (Mp, Np) != (M, N) else out
