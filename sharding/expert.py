@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsv3_jax import moe
 from dsv3_jax.config import ConfigError, ModelConfig
-from sharding.rules import BATCH_AXES, token_axes
+from sharding.rules import row_axes
 
 CAPACITY_ALIGN = 8  # receive blocks are whole multiples of this many rows
 
@@ -88,13 +88,6 @@ def _local_experts(x, experts, weights, wg, wu, wd, *, axis: str, ep: int, capac
     return moe.combine(ys, weights, x.dtype), dropped.astype(jnp.float32)[None]
 
 
-def _token_axes(mesh: Mesh, n: int) -> tuple[str, ...]:
-    """The mesh axes the n flattened tokens are split over where this layer runs: batch axes, plus ``pipeline``
-    outside the pipelined stack (sharding/rules.py); the batch axes alone when n does not divide over all."""
-    axes = token_axes() or BATCH_AXES
-    return axes if n % math.prod(mesh.shape[a] for a in axes) == 0 else BATCH_AXES
-
-
 def ep_dispatch(mesh: Mesh, x, routing: moe.Routing, w_gate, w_up, w_down, axis: str = "expert",
                 fp8_pow2: bool | None = None, capacity_factor: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """Expert-parallel :func:`dsv3_jax.moe.dispatch_ragged`: x [N, d] with N over the token axes → (y [N, d],
@@ -103,7 +96,7 @@ def ep_dispatch(mesh: Mesh, x, routing: moe.Routing, w_gate, w_up, w_down, axis:
     E = w_gate.shape[0]
     if E % ep:
         raise ValueError(f"{E} routed experts cannot be split over mesh.expert={ep}")
-    tok = P(_token_axes(mesh, x.shape[0]))
+    tok = P(row_axes(mesh, x.shape[0]))
     fn = jax.shard_map(
         functools.partial(_local_experts, axis=axis, ep=ep, capacity_factor=capacity_factor, fp8_pow2=fp8_pow2),
         mesh=mesh,

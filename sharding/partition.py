@@ -16,7 +16,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import Transformer
 from sharding.expert import expert_parallel
 from sharding.pipeline import pipeline_parallel
-from sharding.rules import BATCH_AXES, LOGICAL_RULES, batch_spec, token_axes
+from sharding.rules import LOGICAL_RULES, batch_spec, row_axes
 
 
 def _boxed_variables(cfg: ModelConfig) -> dict:
@@ -131,7 +131,7 @@ def token_parallel(mesh: Mesh):
     the global rows, so when that run is a multiple of 128 rows the 128-token Wgrad tiles are the global ones and
     only the sum over devices is reassociated; otherwise (or with one batch shard) ``f`` runs on the global array."""
     def run(f, x, w):
-        axes = token_axes() or BATCH_AXES  # outside the pipelined stack `pipeline` splits the tokens too
+        axes = row_axes(mesh, x.shape[0])  # outside the pipelined stack `pipeline` splits the tokens too
         shards = math.prod(mesh.shape.get(a, 1) for a in axes)
         if shards == 1 or x.shape[0] % shards or (x.shape[0] // shards) % fp8.BLOCK:
             return f(x, w)

@@ -68,6 +68,17 @@ def token_axes(rules=None) -> tuple[str, ...]:
     return tuple(a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry))
 
 
+def row_axes(mesh, n: int) -> tuple[str, ...]:
+    """The mesh axes that n flattened token rows are split over where the caller runs: :func:`token_axes` (the
+    batch axes, plus ``pipeline`` outside the pipelined stack), or the batch axes alone when n does not divide
+    over all of those (or no rules are in force). Shared by the EP dispatch and the token-parallel FP8 GEMMs."""
+    axes = token_axes() or BATCH_AXES
+    shards = 1
+    for a in axes:
+        shards *= mesh.shape.get(a, 1)
+    return axes if n % shards == 0 else BATCH_AXES
+
+
 def batch_spec(ndim: int = 2) -> PartitionSpec:
     """PartitionSpec of a [B, ...] input batch: B over the batch axes, the rest replicated."""
     return PartitionSpec(BATCH_AXES, *([None] * (ndim - 1)))
