@@ -5,7 +5,7 @@
 #    bench expert shapes (bench/kernels.py --only bf16_mgpu);
 # 2. the BF16 step at LAYERS: tokamax (today's path), then moe_impl=mgpu (the new kernels, experts padded to
 #    128 rows), then the HF peer (bench/peers/hf_peer_train.py, if the lead copied it into the repo), then mgpu
-#    with the experts cast ahead of the layer scan (DSV3_BF16_EXPERTS_AHEAD=1; more memory: may OOM at 13 layers).
+#    with the experts cast ahead of the layer scan (train.experts_cast_ahead=true).
 # Results in $OUT (kernels_bf16.json/.log, train_*.json/.log, hf_peer.log); carry .whl.
 set -uo pipefail
 LAYERS=${1:-13}
@@ -27,7 +27,7 @@ if [ -f bench/peers/hf_peer_train.py ]; then
 else
   echo "bench/peers/hf_peer_train.py absent: HF peer not run"
 fi
-DSV3_BF16_EXPERTS_AHEAD=1 LIMIT=${AHEAD_LIMIT:-80} run train_L${LAYERS}_bf16_mgpu_ahead --layers "$LAYERS" \
+LIMIT=${AHEAD_LIMIT:-80} run train_L${LAYERS}_bf16_mgpu_ahead --layers "$LAYERS" train.experts_cast_ahead=true \
   model.moe_impl=mgpu
 python3 - "$OUT" "$LAYERS" <<'PY'
 import json, sys, pathlib

@@ -314,6 +314,9 @@ class TrainConfig:
     weight_decay: float = 0.1  # decoupled weight decay (none on norms and 1-D params)
     grad_clip: float = 1.0  # global gradient-norm clip
     moments_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of AdamW's first and second moments
+    # BF16 compute on FP32 master weights: cast the routed experts to model.dtype once per micro-batch, ahead of the
+    # layer scan, instead of per layer in each pass (same numbers; their BF16 gradient replaces the FP32 one)
+    experts_cast_ahead: bool = False
     mtp_lambda: float = 0.3  # λ: weight of the MTP loss
     mtp_lambda_late: float = 0.1  # λ after mtp_lambda_switch_tokens
     mtp_lambda_switch_tokens: float = math.inf  # tokens after which λ becomes mtp_lambda_late

@@ -340,22 +340,19 @@ def test_fp8_step_prequantizes_experts_and_matches_online_quantisation(monkeypat
 
 @pytest.mark.slow
 def test_bf16_experts_cast_ahead_gives_the_same_update(monkeypatch):
-    """``DSV3_BF16_EXPERTS_AHEAD=1``: the step casts the routed experts to BF16 once, ahead of the layer scan
+    """``train.experts_cast_ahead``: the step casts the routed experts to BF16 once, ahead of the layer scan
     (step.cast_experts), instead of each layer casting its slice; the cast commutes with slicing and its
     transpose (BF16 gradient → FP32) with stacking, so the arithmetic is the same: bit-identical update."""
     from dsv3_jax.training import step as step_mod
 
-    cfg = tiny_cfg("runs/test", "model.dtype=bfloat16")
     tokens = np.random.default_rng(0).integers(0, 256, (1, 4, 17)).astype(np.int32)
     calls = []
     real = step_mod.cast_experts
     monkeypatch.setattr(step_mod, "cast_experts", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setenv("DSV3_BF16_EXPERTS_AHEAD", "1")
-    jax.clear_caches()  # the step is jitted and reads the variable when traced
+    cfg = tiny_cfg("runs/test", "model.dtype=bfloat16", "train.experts_cast_ahead=true")
     ahead, m_ahead = train_step(init_state(cfg), tokens, cfg)
     assert calls == [1]
-    monkeypatch.setenv("DSV3_BF16_EXPERTS_AHEAD", "0")
-    jax.clear_caches()
+    cfg = tiny_cfg("runs/test", "model.dtype=bfloat16")
     inside, m_inside = train_step(init_state(cfg), tokens, cfg)
     assert calls == [1]
     for k in ("loss", "ce", "mtp_loss", "grad_norm"):

@@ -128,14 +128,14 @@ def max_violation(load: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def experts_cast_ahead(model_cfg: ModelConfig) -> bool:
+def experts_cast_ahead(model_cfg: ModelConfig, requested: bool) -> bool:
     """Whether the step casts the routed experts' FP32 master weights to the compute dtype once, ahead of the
     layer scan (:func:`cast_experts`), instead of every layer casting its slice in each pass (forward and
-    rematerialised forward). Opt-in, ``DSV3_BF16_EXPERTS_AHEAD=1`` (read when the step is traced): the same
-    numbers, but the BF16 copy of all experts (2 bytes a parameter) and their stacked BF16 gradient live through
-    the step's backward, which the 13-layer bench config has no room for. Only without FP8 (FP8 prequantises)."""
-    flag = os.environ.get("DSV3_BF16_EXPERTS_AHEAD", "0").strip().lower() not in ("", "0", "false", "no")
-    return flag and not model_cfg.fp8 and not model_cfg.fp8_weights and model_cfg.dtype != model_cfg.param_dtype
+    rematerialised forward): ``train.experts_cast_ahead``, where it applies (BF16 compute on wider master
+    weights; FP8 prequantises instead). The same numbers; the BF16 copy of all experts (2 bytes a parameter)
+    lives through the backward, and the experts' stacked gradient is BF16 until the optimizer reads it (in place
+    of the FP32 one: the same memory)."""
+    return requested and not model_cfg.fp8 and not model_cfg.fp8_weights and model_cfg.dtype != model_cfg.param_dtype
 
 
 def cast_experts(params, dtype):
@@ -152,11 +152,11 @@ def indexer_only(tree: Any) -> Any:
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "opt", "balance_alpha", "indexer_loss_scale",
-                                             "trainable"),
+                                             "trainable", "cast_ahead"),
                    donate_argnames=("params", "router", "opt_state", "rng"))
 def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_cfg: ModelConfig,
                 opt: optim.OptimSettings, balance_alpha: float, indexer_loss_scale: float = 1.0,
-                trainable: str = "all"):
+                trainable: str = "all", cast_ahead: bool = False):
     """tokens [n, mb, T+1] int32 — or a dict of such arrays: ``tokens`` plus, for packed chat rows,
     ``loss_mask``, ``positions``, ``segment_ids`` (dsv3_jax/data/chat.py) — → (params, router, opt_state, rng,
     metrics). Compiled once per (configs, n, batch fields)."""
@@ -166,7 +166,7 @@ def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_c
     # (fp8.prequantize_experts); the GEMMs read them and still return the master weights' gradients.
     pre = (fp8.prequantize_experts(params, model_cfg.fp8_pow2_scales)
            if model_cfg.fp8 and not model_cfg.fp8_weights else {})
-    ahead = experts_cast_ahead(model_cfg)
+    ahead = experts_cast_ahead(model_cfg, cast_ahead)
 
     def loss_fn(p, b):
         if ahead:  # BF16: one cast of the stacked experts per micro-batch, outside the layer scan
@@ -269,7 +269,7 @@ def train_step(state: TrainState, tokens: np.ndarray, cfg: Config, mesh: Any = N
             state.params, state.router, state.opt_state, state.rng, tokens, hyper,
             model_cfg=training_model_config(cfg), opt=optim.OptimSettings.from_train(cfg.train),
             balance_alpha=cfg.train.balance_alpha, indexer_loss_scale=cfg.train.indexer_loss_scale,
-            trainable=cfg.train.trainable)
+            trainable=cfg.train.trainable, cast_ahead=cfg.train.experts_cast_ahead)
     if mesh is not None:  # a no-op when the partitioner kept them in place
         params, router, opt_state, rng = jax.device_put((params, router, opt_state, rng), keep)
         if jax.process_count() > 1:  # every process reads the metrics (e.g. expert_load is sharded over stages)
