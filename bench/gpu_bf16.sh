@@ -5,7 +5,8 @@
 #    bench expert shapes (bench/kernels.py --only bf16_mgpu);
 # 2. the BF16 step at LAYERS: tokamax (today's path), then moe_impl=mgpu (the new kernels, experts padded to
 #    128 rows), then the HF peer (bench/peers/hf_peer_train.py, if the lead copied it into the repo), then mgpu
-#    with the experts cast ahead of the layer scan (train.experts_cast_ahead=true).
+#    with each layer casting its experts in each pass (train.experts_cast_ahead=false; the default casts them once,
+#    ahead of the layer scan).
 # Results in $OUT (kernels_bf16.json/.log, train_*.json/.log, hf_peer.log); carry .whl.
 set -uo pipefail
 LAYERS=${1:-13}
@@ -27,12 +28,12 @@ if [ -f bench/peers/hf_peer_train.py ]; then
 else
   echo "bench/peers/hf_peer_train.py absent: HF peer not run"
 fi
-LIMIT=${AHEAD_LIMIT:-80} run train_L${LAYERS}_bf16_mgpu_ahead --layers "$LAYERS" train.experts_cast_ahead=true \
+LIMIT=${AHEAD_LIMIT:-80} run train_L${LAYERS}_bf16_mgpu_inside --layers "$LAYERS" train.experts_cast_ahead=false \
   model.moe_impl=mgpu
 python3 - "$OUT" "$LAYERS" <<'PY'
 import json, sys, pathlib
 out, L = pathlib.Path(sys.argv[1]), sys.argv[2]
-for n in ("bf16", "bf16_mgpu", "bf16_mgpu_ahead"):
+for n in ("bf16", "bf16_mgpu", "bf16_mgpu_inside"):
     p = out / f"train_L{L}_{n}.json"
     if p.exists():
         r = json.loads(p.read_text())
