@@ -21,17 +21,9 @@ from dsv3_jax.dsa import DSA
 from dsv3_jax.layers import MLP, RMSNorm, logical
 from dsv3_jax.moe import MoE
 
-_MOE_NAMES = ("moe_gate", "moe_up", "moe_down")  # the routed experts' GEMM outputs (dsv3_jax/moe.py)
-
 REMAT_POLICIES = {
     "full": None,  # recompute everything in the backward pass
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # keep the routed experts' three GEMM outputs (~3·k·d·2 bytes a token a layer); recompute the rest
-    "save_moe": jax.checkpoint_policies.save_only_these_names(*_MOE_NAMES),
-    # save_moe plus every plain matmul output (attention projections, shared experts, dense FFN)
-    "save_moe_dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(*_MOE_NAMES)),
 }
 
 

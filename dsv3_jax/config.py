@@ -94,9 +94,8 @@ class ModelConfig:
     # Absorbed (latent-cache) decode attention: xla = the einsums; pallas = the fused flash-decoding Pallas/Triton
     # kernel (dsv3_jax/kernels/mla_decode.py), in interpret mode off the GPU (slow: for tests).
     mla_decode_impl: Literal["xla", "pallas"] = "xla"
-    # Rematerialisation of each block in the backward pass: none | full | save_dots (keep matmul outputs) |
-    # save_moe (keep the routed experts' GEMM outputs) | save_moe_dots (both).
-    remat: Literal["none", "full", "save_dots", "save_moe", "save_moe_dots"] = "none"
+    # Rematerialisation of each block in the backward pass: none | full | save_dots (keep matmul outputs).
+    remat: Literal["none", "full", "save_dots"] = "none"
     # Layers per iteration of each layer scan's loop (nn.scan's unroll): 1 = a loop over the stacked layers
     # (dynamic slices of the stacked weights, dynamic-update-slices of their stacked gradients); the stack's
     # length unrolls it fully (static slices XLA may fuse away; longer compiles). The same numbers either way.

@@ -13,7 +13,6 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax import fp8, tokens
 from dsv3_jax.config import ModelConfig
@@ -188,9 +187,8 @@ def expert_rows(rows: jax.Array, ids: jax.Array, w_gate: Weight, w_up: Weight, w
     def gemm(a, w):
         return expert_matmul(a, w, sizes, impl, fp8_pow2, aligned, live)
 
-    # Names for model.remat=save_moe (dsv3_jax/block.py): the backward keeps these instead of re-running the GEMMs.
-    h = swiglu(checkpoint_name(gemm(xs, w_gate), "moe_gate"), checkpoint_name(gemm(xs, w_up), "moe_up"))
-    ys = checkpoint_name(gemm(h, w_down), "moe_down")  # [R or P, d]
+    h = swiglu(gemm(xs, w_gate), gemm(xs, w_up))
+    ys = gemm(h, w_down)  # [R or P, d]
     ys = permute_rows(ys, pos, src) if align else permute_rows(ys, inverse, order)
     # Rows past the experts' groups hold whatever the grouped GEMM leaves there: zero the empty rows' outputs.
     return jnp.where((ids < E)[:, None], ys, 0)
