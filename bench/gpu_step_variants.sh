@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call comparing variants of the BF16 bench step with the HF peer in the same lease (issue 20):
 #   bash bench/gpu_step_variants.sh LAYERS 'name|ENV=V ...|override ...' ...
-# e.g. bash bench/gpu_step_variants.sh 13 'base||' 'cast_inside||train.experts_cast_ahead=false' 'save_moe||model.remat=save_moe'
+# e.g. bash bench/gpu_step_variants.sh 13 'base||' 'cast_inside||train.experts_cast_ahead=false' 'unroll4||model.scan_unroll=4'
 # Every variant runs bench/train.py on configs/bench_1gpu.yaml (seq 4096 × 2, MTP off, BF16 moments, remat full
 # unless the overrides say otherwise) for 8 steps; then the HF peer (bench/peers/hf_peer_train.py) when PEER=1
 # (default). Results: $OUT/train_<name>.json/.log, $OUT/hf_peer.log and a summary line per run; carry .whl.
