@@ -7,6 +7,8 @@ DeepSeek-V3's EP64 over DP ranks), ``tensor`` (heads / FFN width; off in the rep
 
 from __future__ import annotations
 
+import math
+
 from jax.sharding import PartitionSpec
 
 # Axes that split the batch (sequences) everywhere.
@@ -73,10 +75,7 @@ def row_axes(mesh, n: int) -> tuple[str, ...]:
     batch axes, plus ``pipeline`` outside the pipelined stack), or the batch axes alone when n does not divide
     over all of those (or no rules are in force). Shared by the EP dispatch and the token-parallel FP8 GEMMs."""
     axes = token_axes() or BATCH_AXES
-    shards = 1
-    for a in axes:
-        shards *= mesh.shape.get(a, 1)
-    return axes if n % shards == 0 else BATCH_AXES
+    return axes if n % math.prod(mesh.shape.get(a, 1) for a in axes) == 0 else BATCH_AXES
 
 
 def batch_spec(ndim: int = 2) -> PartitionSpec:

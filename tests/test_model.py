@@ -368,4 +368,3 @@ def test_unrolled_layer_scan_gives_the_same_loss_and_grads():
     for path, a, b in zip(jax.tree_util.tree_leaves_with_path(gu), jax.tree.leaves(gu), jax.tree.leaves(g1)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()),
                                    err_msg=jax.tree_util.keystr(path[0]))
-

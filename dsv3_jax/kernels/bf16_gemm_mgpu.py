@@ -370,7 +370,7 @@ def kgrouped_matmul(a: jax.Array, b: jax.Array, group_sizes: jax.Array, out_dtyp
     extra = ()
     if groups_per_item:  # the kernel stores the zeros of the groups no work item writes (no pass over out after)
         extra = (chunk_table(group_sizes, live_sizes, groups_per_item, tile_k),
-                 jnp.where(written, -1, jnp.arange(G, dtype=jnp.int32)).astype(jnp.int32))
+                 jnp.where(written, -1, jnp.arange(G, dtype=jnp.int32)))
     out = _call("kgrouped", (gid, *extra, _pad_last(a, Mp, 1), _pad_last(b, Np, 1)), (G, Mp, Np), out_dtype,
                 tile_n, max_concurrent_steps, True, False, interpret, acc_in_place, tile_k=tile_k,
                 per_chunk=groups_per_item > 0)
