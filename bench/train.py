@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             state, met = train_step(state, tokens, cfg)
             jax.block_until_ready(met["loss"])
         jax.profiler.stop_trace()
-        rows = summarise(a.profile, steps=3, top=40)
+        rows = summarise(a.profile, steps=3, top=80)
         print("PROFILE top kernels (ms/step, calls/step):")
         for n, ms, c in rows:
             print(f"PROFILE {ms:8.2f} {c:5d}  {n[:150]}")

@@ -340,24 +340,37 @@ def test_fp8_step_prequantizes_experts_and_matches_online_quantisation(monkeypat
 
 @pytest.mark.slow
 def test_bf16_experts_cast_ahead_gives_the_same_update(monkeypatch):
-    """``train.experts_cast_ahead``: the step casts the routed experts to BF16 once, ahead of the layer scan
-    (step.cast_experts), instead of each layer casting its slice; the cast commutes with slicing and its
-    transpose (BF16 gradient → FP32) with stacking, so the arithmetic is the same: bit-identical update."""
+    """``train.experts_cast_ahead``: the layers read one BF16 copy of the routed experts made outside the layer
+    scan — cast before the first step (step.expert_copy), then written by each step's optimizer for the next —
+    instead of each layer casting its slice. The cast commutes with slicing and its transpose (BF16 gradient →
+    FP32) with stacking, so the arithmetic is the same: bit-identical updates, step after step. A params tree that
+    is not the one the last step returned (here: edited experts) must not read that step's copy: it is cast
+    afresh, and the update still equals the per-layer cast's."""
     from dsv3_jax.training import step as step_mod
 
-    tokens = np.random.default_rng(0).integers(0, 256, (1, 4, 17)).astype(np.int32)
-    calls = []
-    real = step_mod.cast_experts
-    monkeypatch.setattr(step_mod, "cast_experts", lambda *a: calls.append(1) or real(*a))
-    cfg = tiny_cfg("runs/test", "model.dtype=bfloat16", "train.experts_cast_ahead=true")
-    ahead, m_ahead = train_step(init_state(cfg), tokens, cfg)
-    assert calls == [1]
-    cfg = tiny_cfg("runs/test", "model.dtype=bfloat16", "train.experts_cast_ahead=false")
-    inside, m_inside = train_step(init_state(cfg), tokens, cfg)
-    assert calls == [1]
-    for k in ("loss", "ce", "mtp_loss", "grad_norm"):
-        np.testing.assert_array_equal(m_ahead[k], m_inside[k], err_msg=k)
-    jax.tree.map(np.testing.assert_array_equal, ahead.params, inside.params)
+    tokens = np.random.default_rng(0).integers(0, 256, (3, 1, 4, 17)).astype(np.int32)
+    casts = []
+    real = step_mod._cast_copy
+    monkeypatch.setattr(step_mod, "_cast_copy", lambda *a: casts.append(1) or real(*a))
+    cfgs = {ahead: tiny_cfg("runs/test", "model.dtype=bfloat16", f"train.experts_cast_ahead={ahead}")
+            for ahead in ("true", "false")}
+    states = {k: init_state(c) for k, c in cfgs.items()}
+    for i in range(3):
+        runs = {k: train_step(states[k], tokens[i], cfgs[k]) for k in cfgs}
+        states = {k: r[0] for k, r in runs.items()}
+        for k in ("loss", "ce", "mtp_loss", "grad_norm"):
+            np.testing.assert_array_equal(runs["true"][1][k], runs["false"][1][k], err_msg=f"step {i}: {k}")
+        jax.tree.map(np.testing.assert_array_equal, states["true"].params, states["false"].params)
+    assert casts == [1], "steps 2 and 3 must read the copy the optimizer wrote, not cast again"
+
+    def edit(path, w):  # new expert arrays: the last step's copy no longer matches them
+        return w * 1.5 if step_mod.fp8.expert_leaf(path, w) else w
+
+    edited = {k: s._replace(params=jax.tree_util.tree_map_with_path(edit, s.params)) for k, s in states.items()}
+    runs = {k: train_step(edited[k], tokens[0], cfgs[k]) for k in cfgs}
+    assert casts == [1, 1]
+    np.testing.assert_array_equal(runs["true"][1]["loss"], runs["false"][1]["loss"])
+    jax.tree.map(np.testing.assert_array_equal, runs["true"][0].params, runs["false"][0].params)
 
 
 @pytest.mark.slow

@@ -128,12 +128,13 @@ def max_violation(load: jax.Array) -> jax.Array:
 
 
 def experts_cast_ahead(model_cfg: ModelConfig, requested: bool) -> bool:
-    """Whether the step casts the routed experts' FP32 master weights to the compute dtype once, ahead of the
-    layer scan (:func:`cast_experts`), instead of every layer casting its slice in each pass (forward and
-    rematerialised forward): ``train.experts_cast_ahead``, where it applies (BF16 compute on wider master
-    weights; FP8 prequantises instead). The same numbers; the BF16 copy of all experts (2 bytes a parameter)
-    lives through the backward, and the experts' stacked gradient is BF16 until the optimizer reads it (in place
-    of the FP32 one: the same memory)."""
+    """Whether the routed experts' FP32 master weights reach the layers as one BF16 copy made outside the layer
+    scan (:func:`expert_copy`), instead of every layer casting its slice in each pass (forward and rematerialised
+    forward): ``train.experts_cast_ahead``, where it applies (BF16 compute on wider master weights; FP8
+    prequantises instead). The same numbers. :func:`train_step` writes the next step's copy in the optimizer's
+    pass over the master weights (2 bytes a parameter more there, in place of a separate cast's 6) and keeps it
+    between steps (:func:`_ahead_copy`); the copy lives through the backward, and the experts' stacked gradient
+    is BF16 until the optimizer reads it (in place of the FP32 one: the same memory)."""
     return requested and not model_cfg.fp8 and not model_cfg.fp8_weights and model_cfg.dtype != model_cfg.param_dtype
 
 
@@ -144,6 +145,61 @@ def cast_experts(params, dtype):
     return jax.tree_util.tree_map_with_path(lambda p, w: w.astype(dtype) if fp8.expert_leaf(p, w) else w, params)
 
 
+def expert_copy(params, dtype):
+    """The routed-expert weights of ``params`` cast to ``dtype``, in a tree like ``params`` with None at every
+    other leaf (the form :func:`_train_core` takes and returns as ``experts``)."""
+    return jax.tree_util.tree_map_with_path(lambda p, w: w.astype(dtype) if fp8.expert_leaf(p, w) else None, params)
+
+
+def _with_copy(params, experts):
+    """``params`` with the expert leaves taken from ``experts`` (:func:`expert_copy`'s tree)."""
+    return jax.tree.map(lambda c, w: w if c is None else c, experts, params, is_leaf=lambda x: x is None)
+
+
+_cast_copy = jax.jit(expert_copy, static_argnums=1)
+
+# The expert copy the last train_step's optimizer wrote, with weak references to the master leaves it is a cast of
+# (the params that step returned). Only a params tree holding exactly those arrays reads it (jax arrays are
+# immutable, and a donated one is deleted), so a restored, re-initialised or edited tree is cast afresh, never
+# paired with a stale copy. One slot: the copy is donated to the step that reads it.
+_AHEAD: dict[str, Any] = {}
+
+
+def _expert_sources(params) -> list:
+    return [w for p, w in jax.tree_util.tree_leaves_with_path(params) if fp8.expert_leaf(p, w)]
+
+
+def _ahead_copy(params, dtype, shardings: Any = None):
+    """The BF16 expert copy for a step on ``params``: the one the previous step wrote if ``params`` are that step's
+    output, else a fresh cast (on a mesh put into the params' ``shardings``, as the step's outputs are)."""
+    slot, srcs = _AHEAD.pop("slot", None), _expert_sources(params)
+    if (slot is not None and slot[0] == jnp.dtype(dtype) and len(slot[1]) == len(srcs)
+            and all(r() is w for r, w in zip(slot[1], srcs))):
+        return slot[2]
+    copy = _cast_copy(params, jnp.dtype(dtype))
+    return copy if shardings is None else _put_like(copy, shardings)
+
+
+def _put_like(experts, shardings):
+    """``experts`` (an :func:`expert_copy` tree) put into the shardings of the params they copy."""
+    return jax.tree.map(lambda c, s: None if c is None else jax.device_put(c, s), experts, shardings,
+                        is_leaf=lambda x: x is None)
+
+
+def _remember_copy(params, experts, dtype) -> None:
+    """Keep ``experts`` for the next step on ``params``; dropped as soon as any of those master leaves is (so a
+    discarded state does not keep its copy alive)."""
+    import weakref
+
+    token = object()
+
+    def forget(_):
+        if _AHEAD.get("slot", (None,) * 4)[3] is token:
+            _AHEAD.pop("slot", None)
+
+    _AHEAD["slot"] = (jnp.dtype(dtype), [weakref.ref(w, forget) for w in _expert_sources(params)], experts, token)
+
+
 def indexer_only(tree: Any) -> Any:
     """Bool pytree like ``tree``: True on the V3.2 lightning indexer's leaves (``…/indexer/…``)."""
     return jax.tree_util.tree_map_with_path(
@@ -152,13 +208,18 @@ def indexer_only(tree: Any) -> Any:
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "opt", "balance_alpha", "indexer_loss_scale",
                                              "trainable", "cast_ahead"),
-                   donate_argnames=("params", "router", "opt_state", "rng"))
-def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_cfg: ModelConfig,
+                   donate_argnames=("params", "router", "opt_state", "rng", "experts"))
+def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, experts=None, *, model_cfg: ModelConfig,
                 opt: optim.OptimSettings, balance_alpha: float, indexer_loss_scale: float = 1.0,
                 trainable: str = "all", cast_ahead: bool = False):
     """tokens [n, mb, T+1] int32 — or a dict of such arrays: ``tokens`` plus, for packed chat rows,
     ``loss_mask``, ``positions``, ``segment_ids`` (dsv3_jax/data/chat.py) — → (params, router, opt_state, rng,
-    metrics). Compiled once per (configs, n, batch fields)."""
+    metrics, experts). Compiled once per (configs, n, batch fields).
+
+    ``experts`` (with ``cast_ahead`` where :func:`experts_cast_ahead` applies): :func:`expert_copy` of ``params``
+    in the compute dtype; the layers read it, and the returned ``experts`` is the same copy of the updated params,
+    written by the optimizer's pass (for the next step). None: the step casts the experts itself and returns None.
+    """
     model = Transformer(model_cfg)
     E, D = model_cfg.n_routed_experts, model_cfg.num_nextn_predict_layers
     # FP8: the routed experts' E4M3 blocks once per step, outside the layer scan and the micro-batch loop
@@ -166,10 +227,12 @@ def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_c
     pre = (fp8.prequantize_experts(params, model_cfg.fp8_pow2_scales)
            if model_cfg.fp8 and not model_cfg.fp8_weights else {})
     ahead = experts_cast_ahead(model_cfg, cast_ahead)
+    given = ahead and experts is not None  # the copy the previous step's optimizer wrote
+    cdt = jnp.dtype(model_cfg.dtype)
 
     def loss_fn(p, b):
-        if ahead:  # BF16: one cast of the stacked experts per micro-batch, outside the layer scan
-            p = cast_experts(p, jnp.dtype(model_cfg.dtype))
+        if ahead and not given:  # BF16: one cast of the stacked experts per micro-batch, outside the layer scan
+            p = cast_experts(p, cdt)
         tok = b["tokens"]
         positions = b["positions"][:, :-1] if "positions" in b else None
         out = model.apply({"params": fp8.with_prequantized(p, pre) if pre else p, "router": router}, tok[:, :-1],
@@ -181,7 +244,10 @@ def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_c
 
     def micro(carry, tok):
         g_acc, l_acc, load_acc, mtp_acc, drop_acc, mass_acc = carry
-        (_, (losses, load, mtp_load, dropped, mass)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, tok)
+        (_, (losses, load, mtp_load, dropped, mass)), g = jax.value_and_grad(loss_fn, has_aux=True)(
+            _with_copy(params, experts) if given else params, tok)
+        # the copy's BF16 gradient → FP32 (exact), as the cast's transpose does
+        g = jax.tree.map(lambda gi, p: gi.astype(p.dtype), g, params)
         g_acc = jax.tree.map(jnp.add, g_acc, g)
         l_acc = jax.tree.map(jnp.add, l_acc, losses)
         return (g_acc, l_acc, load_acc + load, mtp_acc + mtp_load.reshape(D, E), drop_acc + dropped,
@@ -207,6 +273,8 @@ def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_c
     params, opt_state, grad_norm = optim.fused_adamw(g_sum, opt_state, params, hyper.lr, opt, n, keep)
     router = update_router(router, load, mtp_load, hyper.gamma if keep is None else 0.0)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(rng))[0])
+    # the next step's copy, from the same elementwise pass that wrote the new master weights
+    experts = expert_copy(params, cdt) if given else None
 
     metrics = {
         "loss": losses.total, "ce": losses.ce, "mtp_loss": losses.mtp, "balance_loss": losses.balance,
@@ -219,7 +287,7 @@ def _train_core(params, router, opt_state, rng, tokens, hyper: Hyper, *, model_c
         # V3.2: Σ_layers indexer KL; share of the head-mean attention on the top-k keys (dense attention only)
         "indexer_kl": losses.indexer_kl, "topk_mass": mass / n,
     }
-    return params, router, opt_state, rng, metrics
+    return params, router, opt_state, rng, metrics, experts
 
 
 def training_model_config(cfg: Config) -> ModelConfig:
@@ -263,14 +331,21 @@ def train_step(state: TrainState, tokens: np.ndarray, cfg: Config, mesh: Any = N
     else:
         tokens = jax.tree.map(lambda a: jnp.asarray(a, jnp.int32), tokens)
     n, mb, t1 = (tokens["tokens"] if isinstance(tokens, dict) else tokens).shape
+    model_cfg = training_model_config(cfg)
+    ahead = experts_cast_ahead(model_cfg, cfg.train.experts_cast_ahead)
+    experts = _ahead_copy(state.params, model_cfg.dtype, keep[0] if mesh is not None else None) if ahead else None
     with _on_mesh(mesh, cfg):
-        params, router, opt_state, rng, metrics = _train_core(
-            state.params, state.router, state.opt_state, state.rng, tokens, hyper,
-            model_cfg=training_model_config(cfg), opt=optim.OptimSettings.from_train(cfg.train),
+        params, router, opt_state, rng, metrics, experts = _train_core(
+            state.params, state.router, state.opt_state, state.rng, tokens, hyper, experts,
+            model_cfg=model_cfg, opt=optim.OptimSettings.from_train(cfg.train),
             balance_alpha=cfg.train.balance_alpha, indexer_loss_scale=cfg.train.indexer_loss_scale,
             trainable=cfg.train.trainable, cast_ahead=cfg.train.experts_cast_ahead)
     if mesh is not None:  # a no-op when the partitioner kept them in place
         params, router, opt_state, rng = jax.device_put((params, router, opt_state, rng), keep)
+        if experts is not None:
+            experts = _put_like(experts, keep[0])
+    if experts is not None:
+        _remember_copy(params, experts, model_cfg.dtype)
         if jax.process_count() > 1:  # every process reads the metrics (e.g. expert_load is sharded over stages)
             from sharding.partition import replicated
 
