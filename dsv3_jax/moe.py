@@ -156,11 +156,13 @@ ALIGN_MIN_ROWS_PER_EXPERT = 4 * 127
 
 
 def expert_rows(rows: jax.Array, ids: jax.Array, w_gate: Weight, w_up: Weight, w_down: Weight, impl: str = "auto",
-                fp8_pow2: bool | None = None, align: int | None = None) -> jax.Array:
+                fp8_pow2: bool | None = None, align: int | None = None, empty_rows: bool = True) -> jax.Array:
     """Each row through its expert's SwiGLU FFN: rows [R, d], expert ids [R] → [R, d] (the GEMMs' output dtype).
 
     Rows are sorted by expert, run through grouped matmuls and unsorted (no scatter). An id ≥ E (the number of
     experts in ``w_gate``) marks an empty row: it sorts last, is computed by no expert and comes back as zeros.
+    ``empty_rows`` False: the caller promises every id < E, so no row needs zeroing (saves a select over [R, d]
+    and its transpose in the backward).
     ``fp8_pow2`` not None: expert GEMMs in FP8 (REFERENCE §8) with power-of-two scales if True.
     ``align``: pad every expert's rows to a multiple of this (:func:`aligned_layout`); None: 128 when the
     GEMMs run Hopper kernels that want it — FP8's (:func:`dsv3_jax.fp8.aligned_groups`) or BF16's (``impl`` mgpu,
@@ -190,6 +192,8 @@ def expert_rows(rows: jax.Array, ids: jax.Array, w_gate: Weight, w_up: Weight, w
     h = swiglu(gemm(xs, w_gate), gemm(xs, w_up))
     ys = gemm(h, w_down)  # [R or P, d]
     ys = permute_rows(ys, pos, src) if align else permute_rows(ys, inverse, order)
+    if not empty_rows:
+        return ys
     # Rows past the experts' groups hold whatever the grouped GEMM leaves there: zero the empty rows' outputs.
     return jnp.where((ids < E)[:, None], ys, 0)
 
@@ -214,7 +218,8 @@ def dispatch_ragged(x: jax.Array, routing: Routing, w_gate: Weight, w_up: Weight
     Every token reaches all its K experts (no capacity, no dropping): N·K rows, grouped by expert id.
     """
     K = routing.experts.shape[1]
-    ys = expert_rows(token_copies(x, K), routing.experts.reshape(-1), w_gate, w_up, w_down, impl, fp8_pow2, align)
+    ys = expert_rows(token_copies(x, K), routing.experts.reshape(-1), w_gate, w_up, w_down, impl, fp8_pow2, align,
+                     empty_rows=False)  # route() picks only real experts
     return combine(ys, routing.weights, x.dtype)
 
 
