@@ -30,7 +30,8 @@ from dsv3_jax.training.loss import compute_losses, mtp_targets
 from dsv3_jax.training.metrics import flops_per_token
 from dsv3_jax.training.runlock import RunDirLock, RunDirLocked
 from dsv3_jax.training.schedule import Schedule
-from dsv3_jax.training.step import TrainState, indexer_only, init_state, max_violation, train_step, update_router
+from dsv3_jax.training.step import (TrainState, hyper_at, indexer_only, init_state, max_violation, train_step,
+                                    update_router)
 from tests.common import TINY_MODEL_OVERRIDES
 from tests.synthetic_data import SyntheticIterator
 
@@ -405,7 +406,12 @@ def test_gradient_accumulation_matches_one_big_batch():
     for k in ("loss", "ce", "mtp_loss", "grad_norm"):
         np.testing.assert_allclose(m_acc[k], m_big[k], rtol=2e-5, err_msg=k)
     np.testing.assert_array_equal(m_acc["expert_load"], m_big["expert_load"])  # loads summed over micro-batches
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), acc.params, big.params)
+    # Adam's first update is lr·g/(|g|+ε) per element: where the summed gradient nearly cancels (|g| a few orders
+    # above ε), the f32 reassociation of the two batchings' sums moves that quotient by up to ~1e-3, so params
+    # agree to 1e-3 of the step's lr in absolute terms (elsewhere to rtol); a dropped or mis-scaled micro-batch
+    # moves whole updates by O(lr) (and grad_norm above catches a scale error, to which Adam's first step is blind).
+    lr = float(hyper_at(cfg, 0, 0).lr)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3 * lr), acc.params, big.params)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), acc.router, big.router))
 
 
