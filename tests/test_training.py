@@ -30,8 +30,15 @@ from dsv3_jax.training.loss import compute_losses, mtp_targets
 from dsv3_jax.training.metrics import flops_per_token
 from dsv3_jax.training.runlock import RunDirLock, RunDirLocked
 from dsv3_jax.training.schedule import Schedule
-from dsv3_jax.training.step import (TrainState, hyper_at, indexer_only, init_state, max_violation, train_step,
-                                    update_router)
+from dsv3_jax.training.step import (
+    TrainState,
+    hyper_at,
+    indexer_only,
+    init_state,
+    max_violation,
+    train_step,
+    update_router,
+)
 from tests.common import TINY_MODEL_OVERRIDES
 from tests.synthetic_data import SyntheticIterator
 
