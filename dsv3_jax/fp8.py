@@ -351,7 +351,9 @@ def _over_chunks(step, acc: jax.Array, chunks: tuple[jax.Array, ...]) -> jax.Arr
 
 def group_ids(group_sizes: jax.Array, rows: int) -> jax.Array:
     """Group of each of ``rows`` contiguous rows [rows] int32 (rows past the sum get the last group)."""
-    ids = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(rows), side="right")
+    # compare_all: one fused compare against the G group ends; the default binary search runs as a loop of tiny
+    # kernels on a GPU (~log2 G launches and state copies per call, several calls per MoE layer and pass)
+    ids = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(rows), side="right", method="compare_all")
     return jnp.minimum(ids, group_sizes.shape[0] - 1).astype(jnp.int32)
 
 

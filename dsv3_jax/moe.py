@@ -146,7 +146,8 @@ def sort_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax
     """Copies [N, K] → (order: sorted position → copy index, inverse, group sizes [E]) — no scatter."""
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
-    bounds = jnp.searchsorted(jnp.take(flat, order), jnp.arange(num_experts + 1), side="left")
+    bounds = jnp.searchsorted(jnp.take(flat, order), jnp.arange(num_experts + 1), side="left",
+                              method="compare_all")  # one fused compare (see fp8.group_ids)
     return order, jnp.argsort(order), jnp.diff(bounds).astype(jnp.int32)
 
 

@@ -160,7 +160,7 @@ def tile_map(group_sizes: jax.Array, rows: int, block_m: int) -> tuple[jax.Array
     n_tiles = (ends - starts + block_m - 1) // block_m
     tile_end = jnp.cumsum(n_tiles)
     t = jnp.arange(T, dtype=jnp.int32)
-    g = jnp.minimum(jnp.searchsorted(tile_end, t, side="right"), G - 1).astype(jnp.int32)
+    g = jnp.minimum(jnp.searchsorted(tile_end, t, side="right", method="compare_all"), G - 1).astype(jnp.int32)
     first = starts[g] + (t - (tile_end[g] - n_tiles[g])) * block_m
     used = t < tile_end[-1]
     return g, jnp.where(used, first, 0), jnp.where(used, ends[g], 0)

@@ -261,7 +261,7 @@ def aligned_tiles(group_sizes: jax.Array, rows: int) -> tuple[jax.Array, jax.Arr
     (group of each 128-row tile [rows/128], -1 past the last group; the same with a trailing -1, [rows/128 + 1])."""
     ends = jnp.cumsum(group_sizes.astype(jnp.int32))
     t = jnp.arange(rows // BLOCK, dtype=jnp.int32) * BLOCK
-    g = jnp.searchsorted(ends, t, side="right").astype(jnp.int32)
+    g = jnp.searchsorted(ends, t, side="right", method="compare_all").astype(jnp.int32)  # see fp8.group_ids
     g = jnp.where(t < ends[-1], g, -1)
     return g, jnp.concatenate([g, jnp.full((1,), -1, jnp.int32)])
 
