@@ -316,7 +316,7 @@ class TrainConfig:
     # BF16 compute on FP32 master weights: the routed experts reach the layers as one model.dtype copy made outside
     # the layer scan (written by the previous step's optimizer and kept between steps; cast afresh for a new or
     # edited params tree) instead of a cast per layer in each pass (same numbers and peak memory; H100 bench step
-    # 275 → 230 ms)
+    # 275 → 238 ms cast once per step, 230 ms with the copy written by the optimizer)
     experts_cast_ahead: bool = True
     mtp_lambda: float = 0.3  # λ: weight of the MTP loss
     mtp_lambda_late: float = 0.1  # λ after mtp_lambda_switch_tokens
