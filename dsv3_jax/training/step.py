@@ -344,12 +344,12 @@ def train_step(state: TrainState, tokens: np.ndarray, cfg: Config, mesh: Any = N
         params, router, opt_state, rng = jax.device_put((params, router, opt_state, rng), keep)
         if experts is not None:
             experts = _put_like(experts, keep[0])
-    if experts is not None:
-        _remember_copy(params, experts, model_cfg.dtype)
         if jax.process_count() > 1:  # every process reads the metrics (e.g. expert_load is sharded over stages)
             from sharding.partition import replicated
 
             metrics = jax.device_put(metrics, replicated(mesh))
+    if experts is not None:
+        _remember_copy(params, experts, model_cfg.dtype)
     step_tokens = n * mb * (t1 - 1)
     metrics = dict(metrics, lr=hyper.lr, mtp_lambda=hyper.mtp_lambda, tokens=step_tokens)
     return TrainState(params, router, opt_state, np.int64(step + 1), np.int64(seen + step_tokens), rng), metrics
