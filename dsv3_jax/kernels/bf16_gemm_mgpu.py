@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from dsv3_jax.kernels.fp8_gemm_mgpu import _interpret_params, _mgpu, _num_sms, _up
+from dsv3_jax.kernels.fp8_gemm_mgpu import _interpret_params, _mgpu, _num_sms, _up, group_of_slabs
 
 ROWS = 128  # CTA rows = the aligned layout's group granularity
 TILE_K = 64  # BF16 K slab: 64 × 2 bytes = one 128-byte swizzle row
@@ -257,15 +257,6 @@ def _interpreter_runs_acc_init() -> bool:
     """Whether Mosaic GPU's interpreter runs ``pl.run_state`` on a ``plgpu.ACC.init`` accumulator inside the
     warp-specialised pipeline (jax 0.12 does; 0.11.2 fails with an unlowerable effect). The GPU runs it on both."""
     return tuple(int(v) for v in jax.__version__.split(".")[:2]) >= (0, 12)
-
-
-def group_of_slabs(group_sizes: jax.Array, rows: int, slab: int) -> jax.Array:
-    """Group of each ``slab``-row slab of ``rows`` grouped rows [rows/slab], -1 past the last group (every group
-    size a multiple of ``slab``)."""
-    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-    t = jnp.arange(rows // slab, dtype=jnp.int32) * slab
-    g = jnp.searchsorted(ends, t, side="right", method="compare_all").astype(jnp.int32)  # see fp8.group_ids
-    return jnp.where(t < ends[-1], g, -1)
 
 
 def _pad_last(x: jax.Array, n: int, axis: int) -> jax.Array:

@@ -256,13 +256,19 @@ def block_scaled_matmul_nk(a_q: jax.Array, a_scale: jax.Array, bt_q: jax.Array, 
     return out[:M, :N] if (Mp, Np) != (M, N) else out
 
 
+def group_of_slabs(group_sizes: jax.Array, rows: int, slab: int) -> jax.Array:
+    """Group of each ``slab``-row slab of ``rows`` grouped rows [rows/slab], -1 past the last group (every group
+    size a multiple of ``slab``). Also the BF16 kernels' tile table (:mod:`.bf16_gemm_mgpu`)."""
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    t = jnp.arange(rows // slab, dtype=jnp.int32) * slab
+    g = jnp.searchsorted(ends, t, side="right", method="compare_all").astype(jnp.int32)  # see fp8.group_ids
+    return jnp.where(t < ends[-1], g, -1)
+
+
 def aligned_tiles(group_sizes: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
     """For rows grouped contiguously in groups whose sizes are multiples of 128 (:func:`dsv3_jax.moe` pads them):
     (group of each 128-row tile [rows/128], -1 past the last group; the same with a trailing -1, [rows/128 + 1])."""
-    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-    t = jnp.arange(rows // BLOCK, dtype=jnp.int32) * BLOCK
-    g = jnp.searchsorted(ends, t, side="right", method="compare_all").astype(jnp.int32)  # see fp8.group_ids
-    g = jnp.where(t < ends[-1], g, -1)
+    g = group_of_slabs(group_sizes, rows, BLOCK)
     return g, jnp.concatenate([g, jnp.full((1,), -1, jnp.int32)])
 
 
