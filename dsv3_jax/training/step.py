@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import weakref
 from typing import Any, NamedTuple
 
 import jax
@@ -138,16 +139,11 @@ def experts_cast_ahead(model_cfg: ModelConfig, requested: bool) -> bool:
     return requested and not model_cfg.fp8 and not model_cfg.fp8_weights and model_cfg.dtype != model_cfg.param_dtype
 
 
-def cast_experts(params, dtype):
-    """``params`` with every routed-expert weight cast to ``dtype`` (differentiable: the gradient reaches the
-    master weight as the cast's transpose). The layout stays the stored [..., E, in, out]: the BF16 Hopper
-    kernels read it as is for the forward and transposed in shared memory for the Dgrad."""
-    return jax.tree_util.tree_map_with_path(lambda p, w: w.astype(dtype) if fp8.expert_leaf(p, w) else w, params)
-
-
 def expert_copy(params, dtype):
     """The routed-expert weights of ``params`` cast to ``dtype``, in a tree like ``params`` with None at every
-    other leaf (the form :func:`_train_core` takes and returns as ``experts``)."""
+    other leaf (the form :func:`_train_core` takes and returns as ``experts``). The layout stays the stored
+    [..., E, in, out]: the BF16 Hopper kernels read it as is for the forward and transposed in shared memory for
+    the Dgrad."""
     return jax.tree_util.tree_map_with_path(lambda p, w: w.astype(dtype) if fp8.expert_leaf(p, w) else None, params)
 
 
@@ -156,13 +152,26 @@ def _with_copy(params, experts):
     return jax.tree.map(lambda c, w: w if c is None else c, experts, params, is_leaf=lambda x: x is None)
 
 
+def cast_experts(params, dtype):
+    """``params`` with every routed-expert weight cast to ``dtype`` (differentiable: the gradient reaches the
+    master weight as the cast's transpose)."""
+    return _with_copy(params, expert_copy(params, dtype))
+
+
 _cast_copy = jax.jit(expert_copy, static_argnums=1)
 
-# The expert copy the last train_step's optimizer wrote, with weak references to the master leaves it is a cast of
-# (the params that step returned). Only a params tree holding exactly those arrays reads it (jax arrays are
-# immutable, and a donated one is deleted), so a restored, re-initialised or edited tree is cast afresh, never
-# paired with a stale copy. One slot: the copy is donated to the step that reads it.
-_AHEAD: dict[str, Any] = {}
+class _Slot(NamedTuple):
+    """The expert copy the last train_step's optimizer wrote, with weak references to the master leaves it is a
+    cast of (the params that step returned). Only a params tree holding exactly those arrays reads it (jax arrays
+    are immutable, and a donated one is deleted), so a restored, re-initialised or edited tree is cast afresh,
+    never paired with a stale copy."""
+
+    dtype: Any
+    sources: list
+    experts: Any
+
+
+_AHEAD: dict[str, _Slot] = {}  # one slot: the copy is donated to the step that reads it
 
 
 def _expert_sources(params) -> list:
@@ -173,9 +182,9 @@ def _ahead_copy(params, dtype, shardings: Any = None):
     """The BF16 expert copy for a step on ``params``: the one the previous step wrote if ``params`` are that step's
     output, else a fresh cast (on a mesh put into the params' ``shardings``, as the step's outputs are)."""
     slot, srcs = _AHEAD.pop("slot", None), _expert_sources(params)
-    if (slot is not None and slot[0] == jnp.dtype(dtype) and len(slot[1]) == len(srcs)
-            and all(r() is w for r, w in zip(slot[1], srcs))):
-        return slot[2]
+    if (slot is not None and slot.dtype == jnp.dtype(dtype) and len(slot.sources) == len(srcs)
+            and all(r() is w for r, w in zip(slot.sources, srcs))):
+        return slot.experts
     copy = _cast_copy(params, jnp.dtype(dtype))
     return copy if shardings is None else _put_like(copy, shardings)
 
@@ -189,15 +198,12 @@ def _put_like(experts, shardings):
 def _remember_copy(params, experts, dtype) -> None:
     """Keep ``experts`` for the next step on ``params``; dropped as soon as any of those master leaves is (so a
     discarded state does not keep its copy alive)."""
-    import weakref
-
-    token = object()
-
     def forget(_):
-        if _AHEAD.get("slot", (None,) * 4)[3] is token:
-            _AHEAD.pop("slot", None)
+        if "slot" in _AHEAD and _AHEAD["slot"].sources is refs:
+            del _AHEAD["slot"]
 
-    _AHEAD["slot"] = (jnp.dtype(dtype), [weakref.ref(w, forget) for w in _expert_sources(params)], experts, token)
+    refs = [weakref.ref(w, forget) for w in _expert_sources(params)]
+    _AHEAD["slot"] = _Slot(jnp.dtype(dtype), refs, experts)
 
 
 def indexer_only(tree: Any) -> Any:
